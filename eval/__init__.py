@@ -1,0 +1,1 @@
+"""Accuracy-retention harness (installed as flexicache_hf.eval)."""

@@ -1,0 +1,60 @@
+"""FlexiCacheConfig: the method's knobs, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexiCacheConfig:
+    """Knobs of FlexiCache. Defaults are the paper's (REFERENCE.md section 2).
+
+    Args:
+        page_size: tokens per page; a positive power of two.
+        topk_pages: pages each head attends to at decode (besides the current page and the tail).
+        rerank_interval: stable heads re-select their pages every this many decode steps.
+        host_headroom_pages: extra pages reserved in the pinned host pool beyond the prompt, so that
+            decoding grows the pool rarely (it still grows on demand; nothing is dropped).
+        use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
+            elsewhere; True forces kernels (error if unavailable); False forces the references.
+    """
+
+    page_size: int = 16
+    topk_pages: int = 64
+    rerank_interval: int = 16
+    host_headroom_pages: int = 128
+    use_kernels: bool | str = "auto"
+
+    def __post_init__(self):
+        def bad(name, value, rule):
+            raise ValueError(f"FlexiCacheConfig.{name}={value!r} is invalid: {rule}")
+
+        for name in ("page_size", "topk_pages", "rerank_interval", "host_headroom_pages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                bad(name, value, "it must be an int")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            bad("page_size", self.page_size, "it must be a positive power of two, e.g. 16")
+        if self.topk_pages < 1:
+            bad("topk_pages", self.topk_pages, "it must be >= 1, e.g. 64 (a 1024-token budget with 16-token pages)")
+        if self.rerank_interval < 1:
+            bad("rerank_interval", self.rerank_interval, "it must be >= 1 (1 re-ranks stable heads every step)")
+        if self.host_headroom_pages < 0:
+            bad("host_headroom_pages", self.host_headroom_pages, "it must be >= 0")
+        if self.use_kernels not in ("auto", True, False):
+            bad("use_kernels", self.use_kernels, 'use "auto", True or False')
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.topk_pages * self.page_size
+
+    @property
+    def tail_pages(self) -> int:
+        """Most pages a stable head can create between two reranks (they stay resident until the next)."""
+        return math.ceil(self.rerank_interval / self.page_size)
+
+    @property
+    def resident_slots(self) -> int:
+        """GPU page slots per stable head: its top-K, the current page and the tail since the last rerank."""
+        return self.topk_pages + 1 + self.tail_pages

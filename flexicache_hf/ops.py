@@ -1,0 +1,132 @@
+"""The numeric operations of the decode path, each as a plain PyTorch reference that defines it.
+
+On CUDA tensors the Triton kernels in `flexicache_hf.kernels` replace them (same signatures, same
+semantics); everywhere else the references run. Nothing here knows about caches: inputs are plain
+tensors, page pools and index tables.
+
+Shapes:
+    N rows = (batch, kv_head) pairs of one head group, row-major: row = b * heads + h
+    G      = query heads per KV head (GQA group)
+    pool   = [num_pages, page_size, D] page pool; a row's pages are addressed by pool index ("slot")
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------------
+# references
+# ------------------------------------------------------------------------------------------------
+def page_minmax_ref(keys: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise min and max of each full page's keys over its valid (non-padding) tokens.
+
+    keys [B, H, P*page_size, D]; valid [B, P*page_size] bool -> kmin, kmax [B, H, P, D] (keys' dtype).
+    A page without a valid token gets zeros (its score is masked by the caller; zeros avoid inf*0).
+    """
+    B, H, T, D = keys.shape
+    P = T // page_size
+    k = keys.reshape(B, H, P, page_size, D)
+    m = valid.reshape(B, 1, P, page_size, 1)
+    kmin = k.masked_fill(~m, float("inf")).amin(dim=3)
+    kmax = k.masked_fill(~m, NEG_INF).amax(dim=3)
+    empty = ~valid.reshape(B, 1, P, page_size).any(-1, keepdim=True)  # [B,1,P,1]
+    return kmin.masked_fill(empty, 0), kmax.masked_fill(empty, 0)
+
+
+def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest MinMax upper bound of q.k over each page, max over the GQA group, in fp32.
+
+    q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32.
+    """
+    qf = q.float().unsqueeze(2)  # [N, G, 1, D]
+    per_q = torch.maximum(qf * kmax.float().unsqueeze(1), qf * kmin.float().unsqueeze(1)).sum(-1)  # [N,G,P]
+    return per_q.amax(dim=1)
+
+
+def sparse_decode_attention_ref(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    page_ids: torch.Tensor,
+    kv_valid: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention of one query token per head over a per-row list of pages.
+
+    q [N, G, D]; k_pool, v_pool [S, page_size, D]; slots, page_ids [N, M] int (-1: no page);
+    kv_valid [B, T] bool, True where the token at that position may be attended (not padding, written).
+    Row n belongs to batch n // (N // B). A token at position page_ids*page_size + t is attended iff its
+    entry is used (slot >= 0) and kv_valid says so. Softmax in fp32; returns [N, G, D] in q's dtype.
+    A row with nothing to attend returns zeros.
+    """
+    N, G, D = q.shape
+    ps = k_pool.shape[1]
+    B, T = kv_valid.shape
+    used = slots >= 0
+    k = k_pool[slots.clamp(min=0)].float()  # [N, M, ps, D]
+    v = v_pool[slots.clamp(min=0)].float()
+    pos = page_ids.clamp(min=0).unsqueeze(-1) * ps + torch.arange(ps, device=q.device)  # [N, M, ps]
+    batch = torch.arange(N, device=q.device) // (N // B)
+    ok = kv_valid[batch[:, None, None], pos.clamp(max=T - 1)] & (pos < T) & used.unsqueeze(-1)
+    logits = torch.einsum("ngd,nmtd->ngmt", q.float(), k) * scale
+    logits = logits.masked_fill(~ok.unsqueeze(1), NEG_INF).reshape(N, G, -1)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
+    out = torch.einsum("ngs,nsd->ngd", probs, v.reshape(N, -1, D))
+    return out.to(q.dtype)
+
+
+def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """dst_pool[dst_idx] = src_pool[src_idx] for page pools [S, page_size, D] on any devices.
+
+    Used for promotion (pinned host pool -> GPU slots). This reference gathers on the source device and
+    then copies: the slow path on CUDA, which the zero-copy kernel replaces.
+    """
+    if src_idx.numel() == 0:
+        return
+    pages = src_pool[src_idx.to(src_pool.device)]
+    dst_pool[dst_idx.to(dst_pool.device)] = pages.to(dst_pool.device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch: kernels on CUDA, references elsewhere
+# ------------------------------------------------------------------------------------------------
+def _kernels_for(t: torch.Tensor, use_kernels) -> object | None:
+    if use_kernels is False or (use_kernels == "auto" and t.device.type != "cuda"):
+        return None
+    try:
+        from flexicache_hf import kernels
+    except ImportError as e:  # triton missing
+        if use_kernels is True:
+            raise RuntimeError(f"use_kernels=True but the Triton kernels cannot be imported: {e}") from e
+        return None
+    if not getattr(kernels, "AVAILABLE", False):
+        if use_kernels is True:
+            raise RuntimeError("use_kernels=True but the Triton kernels are not available in this install")
+        return None
+    return kernels
+
+
+def page_minmax(keys, valid, page_size, use_kernels="auto"):
+    k = _kernels_for(keys, use_kernels)
+    return (k.page_minmax if k else page_minmax_ref)(keys, valid, page_size)
+
+
+def page_scores(q, kmin, kmax, use_kernels="auto"):
+    k = _kernels_for(q, use_kernels)
+    return (k.page_scores if k else page_scores_ref)(q, kmin, kmax)
+
+
+def sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale, use_kernels="auto"):
+    k = _kernels_for(q, use_kernels)
+    fn = k.sparse_decode_attention if k else sparse_decode_attention_ref
+    return fn(q, k_pool, v_pool, slots, page_ids, kv_valid, scale)
+
+
+def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
+    k = _kernels_for(dst_pool, use_kernels)
+    fn = k.copy_pages if (k and src_pool.is_pinned()) else copy_pages_ref
+    return fn(src_pool, src_idx, dst_pool, dst_idx)

@@ -1,0 +1,1 @@
+"""Shipped head profiles (JSON), installed as package data of flexicache_hf.profiles."""
