@@ -1,1 +1,18 @@
-"""x"""
+"""flexicache-hf: FlexiCache (stability-aware hierarchical KV cache) as a Transformers drop-in.
+
+    import flexicache_hf   # registers attn_implementation="flexicache"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flexicache")
+    cache = flexicache_hf.FlexiCache(model.config, profile=..., topk_pages=64)
+    model.generate(ids, past_key_values=cache, max_new_tokens=512)
+"""
+
+__version__ = "0.1.0"
+
+from flexicache_hf.attention import register as _register
+from flexicache_hf.cache import FlexiCache, FlexiCacheLayer
+from flexicache_hf.config import FlexiCacheConfig
+from flexicache_hf.profiles import HeadProfile
+
+_register()
+
+__all__ = ["FlexiCache", "FlexiCacheLayer", "FlexiCacheConfig", "HeadProfile", "__version__"]

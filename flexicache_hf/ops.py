@@ -17,6 +17,11 @@ import torch
 NEG_INF = float("-inf")
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (tests run tiny models in fp64)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 # ------------------------------------------------------------------------------------------------
 # references
 # ------------------------------------------------------------------------------------------------
@@ -41,8 +46,9 @@ def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> 
 
     q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32.
     """
-    qf = q.float().unsqueeze(2)  # [N, G, 1, D]
-    per_q = torch.maximum(qf * kmax.float().unsqueeze(1), qf * kmin.float().unsqueeze(1)).sum(-1)  # [N,G,P]
+    acc = _acc(q)
+    qf = q.to(acc).unsqueeze(2)  # [N, G, 1, D]
+    per_q = torch.maximum(qf * kmax.to(acc).unsqueeze(1), qf * kmin.to(acc).unsqueeze(1)).sum(-1)  # [N,G,P]
     return per_q.amax(dim=1)
 
 
@@ -67,12 +73,13 @@ def sparse_decode_attention_ref(
     ps = k_pool.shape[1]
     B, T = kv_valid.shape
     used = slots >= 0
-    k = k_pool[slots.clamp(min=0)].float()  # [N, M, ps, D]
-    v = v_pool[slots.clamp(min=0)].float()
+    acc = _acc(q)
+    k = k_pool[slots.clamp(min=0)].to(acc)  # [N, M, ps, D]
+    v = v_pool[slots.clamp(min=0)].to(acc)
     pos = page_ids.clamp(min=0).unsqueeze(-1) * ps + torch.arange(ps, device=q.device)  # [N, M, ps]
     batch = torch.arange(N, device=q.device) // (N // B)
     ok = kv_valid[batch[:, None, None], pos.clamp(max=T - 1)] & (pos < T) & used.unsqueeze(-1)
-    logits = torch.einsum("ngd,nmtd->ngmt", q.float(), k) * scale
+    logits = torch.einsum("ngd,nmtd->ngmt", q.to(acc), k) * scale
     logits = logits.masked_fill(~ok.unsqueeze(1), NEG_INF).reshape(N, G, -1)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
     out = torch.einsum("ngs,nsd->ngd", probs, v.reshape(N, -1, D))

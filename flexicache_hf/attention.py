@@ -1,0 +1,32 @@
+"""Registers attn_implementation="flexicache": an attention function and its mask function.
+
+Both must be registered under the same name: without a mask function transformers silently drops the
+padding mask. The mask is HF's sdpa boolean mask (None when a plain causal mask suffices), so prefill
+runs exactly as sdpa does. With a FlexiCache the model hands us the `FlexiKV` that `update()` returned
+and the layer does the rest; with any other cache (or none) we are plain sdpa.
+"""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from flexicache_hf.cache import FlexiKV
+
+NAME = "flexicache"
+
+
+def flexicache_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if isinstance(key, FlexiKV):
+        return key.layer.attend(module, query, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def flexicache_mask(*args, **kwargs):
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    AttentionInterface.register(NAME, flexicache_attention)
+    AttentionMaskInterface.register(NAME, flexicache_mask)

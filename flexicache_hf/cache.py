@@ -1,0 +1,446 @@
+"""FlexiCache: a transformers `Cache` of `FlexiCacheLayer`s, and the decode path of one layer.
+
+    update()  stores the new K/V (memory.py decides where: GPU buffer, GPU slots, host pool)
+    attend()  called by the registered attention function (attention.py) with the query:
+              multi-token forwards (prefill, chunked prefill, verification) run dense attention over
+              the whole context; a one-token decode step selects pages (MinMax scores, top-K) and runs
+              sparse paged attention over them (ops.py).
+
+Unstable heads select their top-K pages every decode step; stable heads every `rerank_interval`
+steps, attending in between to their selection plus the pages created since (the tail). The page that
+holds the newest token (the current page) is always attended. Nothing is ever dropped: `full_kv`
+reassembles every K/V that `update()` received.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from flexicache_hf import ops
+from flexicache_hf.config import FlexiCacheConfig
+from flexicache_hf.memory import DenseHeads, OffloadedHeads
+from flexicache_hf.profiles import HeadProfile
+
+
+class FlexiKV:
+    """What `update()` hands back to the model: the model passes it on to our attention function."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: "FlexiCacheLayer"):
+        self.layer = layer
+
+
+class FlexiCacheLayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, num_kv_heads: int, unstable_heads: list[int], config: FlexiCacheConfig):
+        super().__init__()
+        self.layer_idx, self.num_kv_heads, self.cfg = layer_idx, num_kv_heads, config
+        self.unstable = sorted(unstable_heads)
+        self.stable = [h for h in range(num_kv_heads) if h not in set(unstable_heads)]
+        self.length = 0
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, T, D = key_states.shape
+        if H != self.num_kv_heads:
+            raise ValueError(f"layer {self.layer_idx}: got {H} KV heads, the cache was built for {self.num_kv_heads}")
+        self.batch, self.head_dim = B, D
+        self.dtype, self.device = key_states.dtype, key_states.device
+        ps, cfg = self.cfg.page_size, self.cfg
+        pages = math.ceil(max(T, 1) / ps) + cfg.host_headroom_pages
+        self.dense = self.offloaded = None
+        if self.unstable:
+            self.dense = DenseHeads(B, len(self.unstable), D, ps, pages, self.dtype, self.device)
+        if self.stable:
+            self.offloaded = OffloadedHeads(
+                B, len(self.stable), D, ps, cfg.resident_slots, pages, pages, self.dtype, self.device
+            )
+        self.u_idx = torch.tensor(self.unstable, device=self.device, dtype=torch.long)
+        self.s_idx = torch.tensor(self.stable, device=self.device, dtype=torch.long)
+        # kv_valid[b, pos]: written and not padding (from the attention mask); page_valid: any such token
+        self.kv_valid = torch.zeros(B, pages * ps, dtype=torch.bool, device=self.device)
+        self.page_valid = torch.zeros(B, pages, dtype=torch.bool, device=self.device)
+        self.length = 0
+        self.meta_pages = 0  # pages 0 .. meta_pages-1 have MinMax metadata
+        self.decode_steps = 0  # since the last full selection
+        self.need_select = True  # after any multi-token forward every head selects afresh
+        self.pending = None
+        self.is_initialized = True
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Split [B, H, ...] into the unstable and the stable head groups."""
+        if not self.stable:
+            return x, None
+        if not self.unstable:
+            return None, x
+        return x.index_select(1, self.u_idx), x.index_select(1, self.s_idx)
+
+    def _merge(self, u: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor:
+        if s is None or u is None:
+            return u if s is None else s
+        out = u.new_empty(u.shape[0], self.num_kv_heads, *u.shape[2:])
+        out[:, self.u_idx] = u
+        out[:, self.s_idx] = s
+        return out
+
+    def _reserve(self, length: int) -> None:
+        pages = math.ceil(length / self.cfg.page_size)
+        if pages > self.page_valid.shape[1]:
+            pages = max(pages, 2 * self.page_valid.shape[1])
+            self.kv_valid = _grow_cols(self.kv_valid, pages * self.cfg.page_size)
+            self.page_valid = _grow_cols(self.page_valid, pages)
+        if self.dense is not None:
+            self.dense.reserve(pages)
+        if self.offloaded is not None:
+            self.offloaded.reserve_metadata(pages)
+
+    # ---- update: store -------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch:
+            raise ValueError(
+                f"layer {self.layer_idx}: batch size changed from {self.batch} to {key_states.shape[0]}; "
+                "use a fresh FlexiCache per generate() call"
+            )
+        start, n = self.length, key_states.shape[2]
+        self._reserve(start + n)
+        k_u, k_s = self._split(key_states)
+        v_u, v_s = self._split(value_states)
+        if self.dense is not None:
+            self.dense.write(k_u, v_u, start)
+        stable_chunk = self._store_stable(k_s, v_s, start) if self.offloaded is not None else None
+        self.kv_valid[:, start : start + n] = True  # refined from the attention mask in attend()
+        self.length = start + n
+        self.pending = (start, n, key_states, value_states, stable_chunk)
+        handle = FlexiKV(self)
+        return handle, handle
+
+    def _store_stable(self, k, v, start):
+        """Current page into its GPU slot; every page that fills goes to the host pool, once."""
+        off, ps = self.offloaded, self.cfg.page_size
+        n = k.shape[2]
+        if n == 1 and start > 0:  # decode: one token into the current page
+            if start % ps == 0:
+                off.start_page(start // ps)
+            off.write_current(k, v, start % ps)
+            if (start + 1) % ps == 0:
+                off.offload(start // ps, *off.current_page())
+            return None
+        # multi-token: complete the partial current page, offload all full pages, keep the remainder
+        # resident; every head re-selects (and promotes) at the next decode step.
+        first = start - start % ps
+        if start % ps:
+            ck, cv = off.current_page()
+            k = torch.cat([ck[:, :, 0, : start % ps], k], dim=2)
+            v = torch.cat([cv[:, :, 0, : start % ps], v], dim=2)
+        B, H, T, D = k.shape
+        full = T // ps
+        off.offload(first // ps, k[:, :, : full * ps].reshape(B, H, full, ps, D), v[:, :, : full * ps].reshape(B, H, full, ps, D))
+        off.clear_slots()
+        if T % ps:
+            off.start_page(first // ps + full)
+            off.write_current(k[:, :, full * ps :], v[:, :, full * ps :], 0)
+        return first, k, v
+
+    # ---- attend: select and attend -------------------------------------------------------------
+    def attend(self, module, query, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if self.pending is None:
+            raise RuntimeError(f"layer {self.layer_idx}: attention called without a preceding cache update")
+        if kwargs.get("softcap") is not None:
+            raise NotImplementedError("FlexiCache does not support attention logit softcapping (softcap)")
+        window = kwargs.get("sliding_window")
+        if window is not None and self.length > window:
+            # below the window a sliding layer attends to everything, exactly like a full one
+            raise NotImplementedError(
+                f"layer {self.layer_idx} is a sliding-window layer (window {window}) and the context ({self.length} "
+                "tokens) now exceeds the window: FlexiCache supports full-attention layers only"
+            )
+        start, n, key_states, value_states, stable_chunk = self.pending
+        self.pending = None
+        self._record_validity(attention_mask, start, n)
+        if n == 1 and start > 0:
+            return self._decode(query, scaling if scaling is not None else module.scaling), None
+        # multi-token forward: dense attention over the whole context, exactly as HF's sdpa
+        if start == 0:
+            keys, values = key_states, value_states
+        else:
+            keys, values = self._assemble(stable_chunk)
+        self._write_metadata(keys, 0)
+        self.need_select, self.decode_steps = True, 0
+        return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    def _record_validity(self, mask, start, n):
+        if mask is None:
+            return  # causal without padding: update() already marked the new tokens valid
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            raise NotImplementedError(f"FlexiCache needs a 4D attention mask or None, got {type(mask).__name__}")
+        row = mask[:, 0, -1, start : start + n]
+        if row.dtype != torch.bool:
+            row = row == 0  # additive float mask: 0 attends, -inf / dtype-min does not
+        self.kv_valid[:, start : start + n] = row.expand(self.batch, -1)
+
+    def _write_metadata(self, keys: torch.Tensor, first_token: int) -> None:
+        """MinMax metadata for the pages that filled since the last call; `keys` [B, H, T, D] start at first_token."""
+        ps = self.cfg.page_size
+        p0, p1 = self.meta_pages, self.length // ps
+        if p1 <= p0:
+            return
+        lo, hi = p0 * ps - first_token, p1 * ps - first_token
+        valid = self.kv_valid[:, p0 * ps : p1 * ps]
+        kmin, kmax = ops.page_minmax(keys[:, :, lo:hi], valid, ps, self.cfg.use_kernels)
+        for group, mn, mx in zip((self.dense, self.offloaded), self._split(kmin), self._split(kmax)):
+            if group is not None:
+                group.kmin[:, :, p0:p1] = mn
+                group.kmax[:, :, p0:p1] = mx
+        self.page_valid[:, p0:p1] = valid.view(self.batch, -1, ps).any(-1)
+        self.meta_pages = p1
+
+    def _decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        ps, L = self.cfg.page_size, self.length
+        current = (L - 1) // ps
+        if L // ps > self.meta_pages:  # the current page just filled: its keys sit in the GPU buffer/slot
+            first = self.meta_pages * ps
+            k_u = self.dense.k[:, :, first:L] if self.dense is not None else None
+            k_s = None
+            if self.offloaded is not None:
+                if L // ps - self.meta_pages != 1:
+                    raise RuntimeError("metadata lags by more than one page: attend() was skipped after update()")
+                k_s = self.offloaded.current_page()[0][:, :, 0]
+            self._write_metadata(self._merge(k_u, k_s), first)
+        B, Hq, _, D = query.shape
+        G = Hq // self.num_kv_heads
+        q_u, q_s = self._split(query.reshape(B, self.num_kv_heads, G, D))
+        out_u = out_s = None
+        if self.dense is not None:
+            sel = self._select(q_u, self.dense, current)
+            page_ids = torch.cat([sel, sel.new_full((B, sel.shape[1], 1), current)], dim=-1)
+            out_u = self._attend_pages(q_u, *self.dense.page_pools(), self.dense.slots_of(page_ids), page_ids, scale)
+        if self.offloaded is not None:
+            if self.need_select or self.decode_steps % self.cfg.rerank_interval == 0:
+                self.offloaded.promote(self._select(q_s, self.offloaded, current), current)
+            out_s = self._attend_pages(q_s, *self.offloaded.attention_inputs(), scale)
+        self.need_select = False
+        self.decode_steps += 1
+        return self._merge(out_u, out_s).reshape(B, 1, Hq, D)
+
+    def _select(self, q: torch.Tensor, group, n_candidates: int) -> torch.Tensor:
+        """Top-K pages among the full pages before the current one, per row of `group`: [B, Hg, <=K] ids."""
+        B, Hg, G, D = q.shape
+        K = self.cfg.topk_pages
+        valid = self.page_valid[:, None, :n_candidates]
+        if n_candidates <= K:  # budget covers every page: no scoring needed
+            ids = torch.arange(n_candidates, device=q.device).expand(B, Hg, n_candidates)
+            return torch.where(valid, ids, -1)
+        scores = ops.page_scores(
+            q.reshape(B * Hg, G, D),
+            group.kmin[:, :, :n_candidates].reshape(B * Hg, n_candidates, D),
+            group.kmax[:, :, :n_candidates].reshape(B * Hg, n_candidates, D),
+            self.cfg.use_kernels,
+        ).view(B, Hg, n_candidates)
+        scores = scores.masked_fill(~valid, ops.NEG_INF)  # all-padding pages are never selected
+        top, ids = scores.topk(K, dim=-1, sorted=False)
+        return torch.where(top > ops.NEG_INF, ids, -1)
+
+    def _attend_pages(self, q, k_pool, v_pool, slots, page_ids, scale):
+        B, Hg, G, D = q.shape
+        out = ops.sparse_decode_attention(
+            q.reshape(B * Hg, G, D), k_pool, v_pool, slots.reshape(B * Hg, -1), page_ids.reshape(B * Hg, -1),
+            self.kv_valid, scale, self.cfg.use_kernels,
+        )
+        return out.view(B, Hg, G, D)
+
+    # ---- whole-context views -------------------------------------------------------------------
+    def _assemble(self, stable_chunk=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every K/V of this layer, [B, H, length, D], from the GPU buffer, the host pool and the slots."""
+        L, ps = self.length, self.cfg.page_size
+        k_u = v_u = k_s = v_s = None
+        if self.dense is not None:
+            k_u, v_u = self.dense.read(L)
+        if self.offloaded is not None:
+            off = self.offloaded
+            if stable_chunk is not None:  # a multi-token update kept its chunk: host pages before it + chunk
+                first, ck, cv = stable_chunk
+                parts = [off.host_pages(0, first // ps)] if first else []
+                parts.append((ck.unsqueeze(2), cv.unsqueeze(2)))
+            else:
+                parts = [off.host_pages(0, off.host_len)]
+                if L % ps:
+                    ck, cv = off.current_page()
+                    parts.append((ck[:, :, :, : L % ps], cv[:, :, :, : L % ps]))
+            B, H, _, D = self.batch, len(self.stable), None, self.head_dim
+            k_s = torch.cat([p[0].reshape(B, H, -1, D) for p in parts], dim=2)
+            v_s = torch.cat([p[1].reshape(B, H, -1, D) for p in parts], dim=2)
+        return self._merge(k_u, k_s), self._merge(v_u, v_s)
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            raise ValueError(f"layer {self.layer_idx} holds no K/V yet: run a forward pass first")
+        return self._assemble()
+
+    # ---- CacheLayerMixin -----------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for name in ("dense", "offloaded", "kv_valid", "page_valid", "pending"):
+            setattr(self, name, None)
+        self.length, self.is_initialized = 0, False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens (negative argument), or keep the first `n` (positive, the legacy form)."""
+        if not self.is_initialized:
+            return
+        keep = self.length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self.length)
+        if keep == self.length:
+            return
+        if keep < 0:
+            raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache holding {self.length}")
+        keys, values = self._assemble()
+        valid = self.kv_valid[:, :keep].clone()
+        self._rebuild(keys[:, :, :keep], values[:, :, :keep], valid)
+
+    def _rebuild(self, keys, values, valid) -> None:
+        """Re-page a whole context (crop): same storage rules as a prefill, every head re-selects."""
+        self.reset()
+        self.update(keys, values)
+        self.kv_valid[:, : keys.shape[2]] = valid
+        self.pending = None
+        self._write_metadata(keys, 0)
+        self.need_select, self.decode_steps = True, 0
+
+    def _select_batch(self, idx: torch.Tensor) -> None:
+        idx = idx.to(self.device)
+        for group in (self.dense, self.offloaded):
+            if group is not None:
+                group.select_batch(idx)
+        self.kv_valid = self.kv_valid.index_select(0, idx)
+        self.page_valid = self.page_valid.index_select(0, idx)
+        self.batch = idx.numel()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized and self.length > 0:
+            self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        if not self.is_initialized:
+            return dict.fromkeys(("gpu_kv_bytes", "unstable_gpu_kv_bytes", "stable_gpu_kv_bytes", "host_kv_bytes",
+                                  "metadata_bytes", "dense_kv_bytes"), 0)
+        es = torch.finfo(self.dtype).bits // 8
+        unstable = self.dense.gpu_bytes(self.length) if self.dense is not None else 0
+        stable = self.offloaded.gpu_bytes() if self.offloaded is not None else 0
+        return {
+            "gpu_kv_bytes": unstable + stable,
+            "unstable_gpu_kv_bytes": unstable,
+            "stable_gpu_kv_bytes": stable,
+            "host_kv_bytes": self.offloaded.host_bytes() if self.offloaded is not None else 0,
+            "metadata_bytes": 2 * self.batch * self.num_kv_heads * self.meta_pages * self.head_dim * es,
+            "dense_kv_bytes": 2 * self.batch * self.num_kv_heads * self.length * self.head_dim * es,
+        }
+
+
+def _grow_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    out = t.new_zeros(t.shape[0], cols)
+    out[:, : t.shape[1]] = t
+    return out
+
+
+class FlexiCache(Cache):
+    """A drop-in `past_key_values` for `generate()` on a model loaded with attn_implementation="flexicache".
+
+    Args:
+        model_config: the model's config (`model.config`).
+        profile: which KV heads are unstable: a `HeadProfile`, a path to a profile JSON, a shipped
+            profile's model id, or None for the shipped profile of this model.
+        config: a `FlexiCacheConfig`; or pass its fields (topk_pages, page_size, rerank_interval, ...)
+            directly as keyword arguments.
+    """
+
+    def __init__(self, model_config, profile=None, *, config: FlexiCacheConfig | None = None, **knobs):
+        if config is not None and knobs:
+            raise ValueError(f"pass either config=FlexiCacheConfig(...) or its fields {sorted(knobs)}, not both")
+        try:
+            self.config = config or FlexiCacheConfig(**knobs)
+        except TypeError as e:
+            raise TypeError(f"FlexiCache: {e}; valid knobs are the fields of FlexiCacheConfig") from None
+        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        impl = getattr(text, "_attn_implementation", None) or getattr(model_config, "_attn_implementation", None)
+        if impl not in (None, "flexicache"):
+            raise ValueError(
+                f'the model uses attn_implementation="{impl}"; FlexiCache needs the model loaded with '
+                'attn_implementation="flexicache" (after `import flexicache_hf`)'
+            )
+        layer_types = getattr(text, "layer_types", None) or []
+        odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+        if odd:
+            raise NotImplementedError(f"FlexiCache supports attention layers only; this model has {odd} layers")
+        num_layers = text.num_hidden_layers
+        num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.profile = resolve_profile(profile, text, num_layers, num_kv_heads)
+        layers = [FlexiCacheLayer(i, num_kv_heads, self.profile.unstable_heads(i), self.config) for i in range(num_layers)]
+        super().__init__(layers=layers)
+
+    def full_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every K/V that `update()` received for this layer, bit-exact: [batch, kv_heads, seq_len, head_dim]."""
+        return self.layers[layer_idx].full_kv()
+
+    def memory_report(self) -> dict:
+        """Bytes held by the cache, summed over layers; `dense_kv_bytes` is what a DynamicCache would hold."""
+        total: dict = {}
+        for layer in self.layers:
+            for key, value in layer.memory_report().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+
+def resolve_profile(profile, model_config, num_layers: int, num_kv_heads: int) -> HeadProfile:
+    model_id = getattr(model_config, "_name_or_path", None) or None
+    if isinstance(profile, str):
+        import os
+
+        if os.path.exists(profile):
+            profile = HeadProfile.load(profile)
+        else:
+            from flexicache_hf.profiles_registry import find_profile
+
+            found = find_profile(profile)
+            if found is None:
+                raise ValueError(f"profile={profile!r} is neither a file nor the model id of a shipped profile")
+            profile = found
+    elif profile is None:
+        from flexicache_hf.profiles_registry import find_profile
+
+        profile = find_profile(model_config)
+        if profile is None:
+            raise ValueError(
+                f"no shipped head profile matches this model ({model_id or 'unknown id'}, {num_layers} layers x "
+                f"{num_kv_heads} KV heads): pass profile=HeadProfile(...), a profile JSON path, or make one with "
+                "`flexicache profile`"
+            )
+    if not isinstance(profile, HeadProfile):
+        raise TypeError(f"profile must be a HeadProfile, a path or a model id, got {type(profile).__name__}")
+    profile.check_model(num_layers, num_kv_heads, model_id)
+    return profile

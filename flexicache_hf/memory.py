@@ -1,0 +1,248 @@
+"""The memory hierarchy of one layer: where every page of K/V lives, and the copies between places.
+
+Two head groups per layer, each owning its storage:
+
+* `DenseHeads` (unstable heads): every page stays in a GPU buffer [B, H, capacity, D]; page p of row
+  (b, h) is pool slot (b*H + h) * capacity_pages + p of the buffer viewed as a page pool.
+* `OffloadedHeads` (stable heads): a fixed number of GPU page slots per row [B, H, slots, page, D]
+  holding the row's selected pages, the tail and the current page (`slot_page` is the block table: the
+  page each slot holds, -1 = free); and a host pool [pages, B, H, page, D] (pinned on CUDA) holding a
+  copy of every full page, written once when the page fills (offload). Re-selection copies only newly
+  promoted pages host -> GPU, into slots freed by demoted pages (promote).
+
+The host pool is page-major so that offloading one page of every row is a single contiguous copy.
+Nothing outside this module indexes the pools; the cache asks for pages, slots and bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexicache_hf import ops
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _grow(t: torch.Tensor, dim: int, new_size: int, pin: bool = False) -> torch.Tensor:
+    """A copy of `t` with dimension `dim` enlarged to `new_size` (new entries zero)."""
+    shape = list(t.shape)
+    shape[dim] = new_size
+    try:
+        out = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=pin)
+    except RuntimeError as e:  # nothing is lost: the old tensor is still referenced by the caller
+        where = "pinned host" if pin else str(t.device)
+        size = t.element_size() * torch.Size(shape).numel()
+        raise MemoryError(
+            f"FlexiCache could not grow its {where} pool to {list(shape)} ({size / 2**30:.2f} GiB): {e}. "
+            "Nothing was lost; reduce the batch size or the context length, or free memory."
+        ) from e
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
+class DenseHeads:
+    """Unstable heads: every page on the GPU, re-selected every decode step."""
+
+    def __init__(self, batch, heads, head_dim, page_size, capacity_pages, dtype, device):
+        self.heads, self.page_size = heads, page_size
+        tokens = capacity_pages * page_size
+        self.k = torch.zeros(batch, heads, tokens, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.kmin = torch.zeros(batch, heads, capacity_pages, head_dim, dtype=dtype, device=device)
+        self.kmax = torch.zeros_like(self.kmin)
+
+    @property
+    def capacity_pages(self) -> int:
+        return self.kmin.shape[2]
+
+    def reserve(self, pages: int) -> None:
+        if pages > self.capacity_pages:
+            pages = max(pages, 2 * self.capacity_pages)  # doubling keeps growth amortised O(1)
+            self.k = _grow(self.k, 2, pages * self.page_size)
+            self.v = _grow(self.v, 2, pages * self.page_size)
+            self.kmin, self.kmax = _grow(self.kmin, 2, pages), _grow(self.kmax, 2, pages)
+
+    def write(self, k, v, start: int) -> None:
+        self.reserve(-(-(start + k.shape[2]) // self.page_size))
+        self.k[:, :, start : start + k.shape[2]] = k
+        self.v[:, :, start : start + v.shape[2]] = v
+
+    def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, :length], self.v[:, :, :length]
+
+    def page_pools(self):
+        D = self.k.shape[-1]
+        return self.k.view(-1, self.page_size, D), self.v.view(-1, self.page_size, D)
+
+    def slots_of(self, page_ids: torch.Tensor) -> torch.Tensor:
+        """Pool slots of [B, H, M] page ids (-1 stays -1)."""
+        B, H = page_ids.shape[:2]
+        rows = torch.arange(B * H, device=page_ids.device).view(B, H, 1)
+        return torch.where(page_ids >= 0, rows * self.capacity_pages + page_ids, -1)
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        for name in ("k", "v", "kmin", "kmax"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+
+    def gpu_bytes(self, length: int) -> int:
+        B, H, _, D = self.k.shape
+        return 2 * B * H * length * D * self.k.element_size()
+
+
+class OffloadedHeads:
+    """Stable heads: selected pages + tail + current page in GPU slots; every full page in host memory."""
+
+    def __init__(self, batch, heads, head_dim, page_size, num_slots, host_pages, capacity_pages, dtype, device):
+        self.heads, self.page_size, self.device = heads, page_size, torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.k = torch.zeros(batch, heads, num_slots, page_size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.slot_page = torch.full((batch, heads, num_slots), -1, dtype=torch.long, device=device)
+        self.cur_slot = torch.zeros(batch, heads, dtype=torch.long, device=device)
+        host_shape = (host_pages, batch, heads, page_size, head_dim)
+        self.host_k = torch.zeros(host_shape, dtype=dtype, pin_memory=self.pin)
+        self.host_v = torch.zeros(host_shape, dtype=dtype, pin_memory=self.pin)
+        self.host_len = 0  # pages 0 .. host_len-1 have been offloaded
+        self.kmin = torch.zeros(batch, heads, capacity_pages, head_dim, dtype=dtype, device=device)
+        self.kmax = torch.zeros_like(self.kmin)
+        # D2H offloads run on a low-priority side stream; readers of the host pool wait on this event.
+        self.copy_stream = torch.cuda.Stream(self.device, priority=0) if self.pin else None
+        self.offloaded = None
+
+    # ---- capacity ------------------------------------------------------------------------------
+    def reserve_metadata(self, pages: int) -> None:
+        if pages > self.kmin.shape[2]:
+            pages = max(pages, 2 * self.kmin.shape[2])
+            self.kmin, self.kmax = _grow(self.kmin, 2, pages), _grow(self.kmax, 2, pages)
+
+    def _reserve_host(self, pages: int) -> None:
+        if pages > self.host_k.shape[0]:
+            self.wait_offloads(host_reader=True)
+            pages = max(pages, 2 * self.host_k.shape[0])
+            self.host_k = _grow(self.host_k, 0, pages, pin=self.pin)
+            self.host_v = _grow(self.host_v, 0, pages, pin=self.pin)
+
+    # ---- offload: GPU -> host, once per full page ----------------------------------------------
+    def offload(self, first_page: int, k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
+        """Copy full pages [B, H, n, page, D] (pages first_page .. first_page+n-1) to the host pool."""
+        n = k_pages.shape[2]
+        if n == 0:
+            return
+        if first_page != self.host_len:
+            raise RuntimeError(f"offload of page {first_page} out of order (host holds {self.host_len} pages)")
+        self._reserve_host(first_page + n)
+        # page-major staging: one contiguous copy per pool; staging decouples the copy from the slots,
+        # so a slot may be reused right away while the copy is still in flight.
+        sk = k_pages.permute(2, 0, 1, 3, 4).contiguous()
+        sv = v_pages.permute(2, 0, 1, 3, 4).contiguous()
+        dst = slice(first_page, first_page + n)
+        if self.copy_stream is None:
+            self.host_k[dst].copy_(sk)
+            self.host_v[dst].copy_(sv)
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self.host_k[dst].copy_(sk, non_blocking=True)
+                self.host_v[dst].copy_(sv, non_blocking=True)
+                sk.record_stream(self.copy_stream)
+                sv.record_stream(self.copy_stream)
+                self.offloaded = torch.cuda.Event()
+                self.offloaded.record(self.copy_stream)
+        self.host_len = first_page + n
+
+    def wait_offloads(self, host_reader: bool) -> None:
+        """Order a read of the host pool after the offloads in flight (CPU reader: block; GPU: wait)."""
+        if self.offloaded is not None:
+            if host_reader:
+                self.offloaded.synchronize()
+            else:
+                torch.cuda.current_stream(self.device).wait_event(self.offloaded)
+
+    def host_pages(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages first .. last-1 from the host pool, on the GPU, as [B, H, n, page, D]."""
+        self.wait_offloads(host_reader=True)
+        k = self.host_k[first:last].to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4)
+        v = self.host_v[first:last].to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4)
+        return k, v
+
+    # ---- writes into slots ---------------------------------------------------------------------
+    def clear_slots(self) -> None:
+        self.slot_page.fill_(-1)
+
+    def start_page(self, page: int) -> None:
+        """Give every row a free slot for its new current page `page`."""
+        free = self.slot_page < 0
+        # first free slot per row; the slot count guarantees one exists (topk + current + tail pages)
+        self.cur_slot = free.to(torch.int8).argmax(-1)
+        self.slot_page.scatter_(-1, self.cur_slot.unsqueeze(-1), page)
+
+    def write_current(self, k, v, offset: int) -> None:
+        """Write tokens [B, H, n, D] into every row's current page from `offset` on."""
+        idx = self.cur_slot.view(*self.cur_slot.shape, 1, 1, 1).expand(-1, -1, 1, *self.k.shape[3:])
+        page_k = self.k.gather(2, idx)  # [B, H, 1, page, D]
+        page_v = self.v.gather(2, idx)
+        page_k[:, :, 0, offset : offset + k.shape[2]] = k
+        page_v[:, :, 0, offset : offset + v.shape[2]] = v
+        self.k.scatter_(2, idx, page_k)
+        self.v.scatter_(2, idx, page_v)
+
+    def current_page(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current page of every row, [B, H, 1, page, D]."""
+        idx = self.cur_slot.view(*self.cur_slot.shape, 1, 1, 1).expand(-1, -1, 1, *self.k.shape[3:])
+        return self.k.gather(2, idx), self.v.gather(2, idx)
+
+    # ---- promotion: host -> GPU slots ----------------------------------------------------------
+    def promote(self, selected: torch.Tensor, current_page: int) -> int:
+        """Make the resident set exactly `selected` [B, H, K] (page ids, -1 = none) plus the current page.
+
+        Slots of demoted pages are freed; newly selected pages are copied from the host pool into them.
+        Returns the number of pages copied.
+        """
+        sp = self.slot_page
+        keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
+        sp.masked_fill_(~keep & (sp >= 0), -1)
+        resident = (selected.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
+        missing = (selected >= 0) & ~resident  # [B, H, K]
+        # pair the r-th missing page of a row with the r-th free slot of that row
+        free_first = torch.argsort((sp >= 0).to(torch.int8), dim=-1, stable=True)
+        rank = (missing.cumsum(-1) - 1).clamp(min=0)
+        dst = free_first.gather(-1, rank)
+        b, h, j = missing.nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return 0
+        pages, slots = selected[b, h, j], dst[b, h, j]
+        sp[b, h, slots] = pages
+        B, H, S = sp.shape
+        src_idx = (pages * B + b) * H + h  # host pool is [pages, B, H, ...]
+        dst_idx = (b * H + h) * S + slots
+        ps, D = self.k.shape[3:]
+        self.wait_offloads(host_reader=not self.pin)
+        for host, gpu in ((self.host_k, self.k), (self.host_v, self.v)):
+            ops.copy_pages(host.view(-1, ps, D), src_idx.cpu() if not self.pin else src_idx, gpu.view(-1, ps, D), dst_idx)
+        return int(b.numel())
+
+    def attention_inputs(self):
+        """(k_pool, v_pool, slots, page_ids) covering every occupied slot: stable heads attend to all of them."""
+        B, H, S, ps, D = self.k.shape
+        rows = torch.arange(B * H * S, device=self.k.device).view(B, H, S)
+        slots = torch.where(self.slot_page >= 0, rows, -1)
+        return self.k.view(-1, ps, D), self.v.view(-1, ps, D), slots, self.slot_page
+
+    # ---- batch ops and accounting --------------------------------------------------------------
+    def select_batch(self, idx: torch.Tensor) -> None:
+        self.wait_offloads(host_reader=True)
+        for name in ("k", "v", "slot_page", "cur_slot", "kmin", "kmax"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        cpu_idx = idx.cpu()
+        for name in ("host_k", "host_v"):
+            t = getattr(self, name).index_select(1, cpu_idx)
+            setattr(self, name, t.pin_memory() if self.pin else t)
+
+    def gpu_bytes(self) -> int:
+        return _nbytes(self.k, self.v)
+
+    def host_bytes(self) -> int:
+        B, H, ps, D = self.host_k.shape[1:]
+        return 2 * self.host_len * B * H * ps * D * self.host_k.element_size()

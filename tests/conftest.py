@@ -1,0 +1,70 @@
+"""Tiny random models shared by the tests: a dense sdpa reference and a flexicache twin, same weights."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import flexicache_hf  # noqa: F401  (registers "flexicache")
+from flexicache_hf import FlexiCache, HeadProfile
+
+ARCHS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+
+
+def tiny_pair(arch="llama", heads=6, kv_heads=2, head_dim=32, layers=2, dtype=torch.float32, seed=0, **extra):
+    """(dense sdpa model, flexicache model) with identical random weights."""
+    cfg_cls, model_cls = ARCHS[arch]
+    kwargs = dict(
+        vocab_size=256, hidden_size=heads * 16, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=8192, initializer_range=0.1, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+    )
+    kwargs.update(extra)
+    cfg = cfg_cls(**kwargs)
+    torch.manual_seed(seed)
+    ref = model_cls._from_config(copy.deepcopy(cfg), attn_implementation="sdpa", dtype=dtype).eval()
+    fc = model_cls._from_config(copy.deepcopy(cfg), attn_implementation="flexicache", dtype=dtype).eval()
+    fc.load_state_dict(ref.state_dict())
+    return ref, fc
+
+
+def profile_for(model, unstable_every=3):
+    """A deterministic mixed profile: every `unstable_every`-th (layer, head) is unstable."""
+    c = model.config
+    L, H = c.num_hidden_layers, c.num_key_value_heads
+    pairs = [(l, h) for l in range(L) for h in range(H) if (l * H + h) % unstable_every == 0]
+    return HeadProfile(L, H, pairs)
+
+
+def make_cache(model, **knobs):
+    knobs.setdefault("profile", profile_for(model))
+    return FlexiCache(model.config, **knobs)
+
+
+class Recorder:
+    """Wraps a cache's update() to keep a copy of every K/V it received (the no-data-loss oracle)."""
+
+    def __init__(self, cache):
+        self.received = {}
+        inner = cache.update
+
+        def update(k, v, layer_idx, *args, **kwargs):
+            self.received.setdefault(layer_idx, []).append((k.clone(), v.clone()))
+            return inner(k, v, layer_idx, *args, **kwargs)
+
+        cache.update = update
+
+    def kv(self, layer_idx):
+        parts = self.received[layer_idx]
+        return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+
+
+@pytest.fixture
+def greedy():
+    return dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
