@@ -1,1 +1,1 @@
-"""Shipped head profiles (JSON), installed as package data of flexicache_hf.profiles."""
+"""Shipped head profiles (JSON), installed as package data of flexicache_hf.shipped_profiles."""

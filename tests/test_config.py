@@ -1,0 +1,105 @@
+"""Bad input is a clear error that says what to change."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_pair
+from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
+
+
+@pytest.mark.parametrize(
+    "knobs,match",
+    [
+        (dict(page_size=0), "power of two"),
+        (dict(page_size=12), "power of two"),
+        (dict(page_size=16.0), "must be an int"),
+        (dict(topk_pages=0), "topk_pages=0 is invalid: it must be >= 1"),
+        (dict(rerank_interval=0), "rerank_interval=0 is invalid"),
+        (dict(rerank_interval=True), "must be an int"),
+        (dict(use_kernels="yes"), "use_kernels"),
+    ],
+)
+def test_config_rejects(knobs, match):
+    with pytest.raises(ValueError, match=match):
+        FlexiCacheConfig(**knobs)
+
+
+def test_config_defaults_are_the_papers():
+    c = FlexiCacheConfig()
+    assert (c.page_size, c.topk_pages, c.rerank_interval) == (16, 64, 16)
+    assert c.resident_slots == 64 + 1 + 1
+
+
+def test_profile_mismatch_names_the_shapes():
+    _, fc = tiny_pair(layers=2, kv_heads=2)
+    with pytest.raises(ValueError, match=r"3 layers x 2 KV heads.*model has 2 layers x 2 KV heads"):
+        FlexiCache(fc.config, profile=HeadProfile(3, 2, []))
+    with pytest.raises(ValueError, match=r"2 layers x 4 KV heads"):
+        FlexiCache(fc.config, profile=HeadProfile(2, 4, []))
+
+
+def test_profile_rejects_bad_entries(tmp_path):
+    with pytest.raises(ValueError, match="out of range"):
+        HeadProfile(2, 2, [(0, 2)])
+    with pytest.raises(ValueError, match="more than once"):
+        HeadProfile(2, 2, [(0, 1), (0, 1)])
+    with pytest.raises(ValueError, match="pairs"):
+        HeadProfile(2, 2, [(0,)])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON head profile"):
+        HeadProfile.load(bad)
+    bad.write_text(json.dumps({"num_layers": 2}))
+    with pytest.raises(ValueError, match="lacks required keys"):
+        HeadProfile.load(bad)
+
+
+def test_profile_json_round_trip(tmp_path):
+    p = HeadProfile(4, 2, [(3, 1), (0, 0)], {"model_id": "x/y", "recall": 0.9})
+    p.save(tmp_path / "p.json")
+    q = HeadProfile.load(tmp_path / "p.json")
+    assert (q.num_layers, q.num_kv_heads, q.unstable, q.metadata) == (4, 2, [(0, 0), (3, 1)], p.metadata)
+
+
+def test_cache_rejects_mixed_knobs_and_unknown_knobs():
+    _, fc = tiny_pair()
+    prof = HeadProfile.all_stable(2, 2)
+    with pytest.raises(ValueError, match="either config="):
+        FlexiCache(fc.config, profile=prof, config=FlexiCacheConfig(), topk_pages=8)
+    with pytest.raises(TypeError, match="valid knobs"):
+        FlexiCache(fc.config, profile=prof, top_k=8)
+    with pytest.raises(ValueError, match="neither a file nor"):
+        FlexiCache(fc.config, profile="no/such-model")
+
+
+def test_cache_rejects_a_model_not_loaded_with_flexicache():
+    ref, _ = tiny_pair()
+    with pytest.raises(ValueError, match='attn_implementation="flexicache"'):
+        FlexiCache(ref.config, profile=HeadProfile.all_stable(2, 2))
+
+
+def test_sliding_window_beyond_window_is_a_clear_error():
+    _, fc = tiny_pair("mistral", sliding_window=32)
+    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2), topk_pages=8, page_size=8)
+    ids = torch.randint(1, 256, (1, 20))
+    fc.generate(ids, past_key_values=cache, max_new_tokens=5)  # within the window: fine
+    with pytest.raises(NotImplementedError, match="sliding-window layer"):
+        fc.generate(torch.randint(1, 256, (1, 40)), past_key_values=FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2)), max_new_tokens=5)
+
+
+def test_full_kv_before_any_forward_is_a_clear_error():
+    _, fc = tiny_pair()
+    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2))
+    with pytest.raises(ValueError, match="run a forward pass first"):
+        cache.full_kv(0)
+    assert cache.memory_report()["gpu_kv_bytes"] == 0
+
+
+def test_batch_size_change_is_a_clear_error():
+    _, fc = tiny_pair()
+    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2))
+    fc.generate(torch.randint(1, 256, (2, 10)), past_key_values=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="fresh FlexiCache"):
+        fc.generate(torch.randint(1, 256, (3, 10)), past_key_values=cache, max_new_tokens=2)

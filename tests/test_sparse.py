@@ -1,0 +1,111 @@
+"""Below full budget: an independent oracle of the selection policy, and no data loss."""
+
+import torch
+
+from conftest import Recorder, make_cache, tiny_pair
+from flexicache_hf import FlexiCache, FlexiCacheLayer, HeadProfile, ops
+
+
+def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
+    """Dense masked attention over the pages the method says each head reads at this step."""
+    B, Hq, _, D = q.shape
+    H, ps, K = keys.shape[1], cfg.page_size, cfg.topk_pages
+    L = keys.shape[2]
+    current = (L - 1) // ps
+    n_full = L // ps
+    kmin, kmax = ops.page_minmax_ref(keys[:, :, : n_full * ps], valid[:, : n_full * ps], ps)
+    page_ok = valid[:, : n_full * ps].view(B, n_full, ps).any(-1)
+    qg = q.reshape(B, H, Hq // H, D)
+    pages = torch.zeros(B, H, current + 1, dtype=torch.bool)
+    for h in range(H):
+        unstable = h in layer.unstable
+        if unstable or state["step"] % cfg.rerank_interval == 0:
+            if current <= K:
+                sel = torch.zeros(B, current, dtype=torch.bool) | page_ok[:, :current]
+            else:
+                s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current])
+                s = s.masked_fill(~page_ok[:, :current], float("-inf"))
+                top, idx = s.topk(K, dim=-1)
+                sel = torch.zeros(B, current, dtype=torch.bool)
+                sel.scatter_(1, idx, top > float("-inf"))
+            if not unstable:
+                state["sel"][h] = (sel, current)
+        if not unstable:
+            sel, since = state["sel"][h]
+            pages[:, h, : sel.shape[1]] = sel
+            pages[:, h, since:] = True  # tail: pages created since the rerank, and the current page
+        else:
+            pages[:, h, :current] = sel
+            pages[:, h, current] = True
+    tok = pages.repeat_interleave(ps, dim=-1)[:, :, :L] & valid[:, None, :L]  # [B, H, L]
+    logits = torch.einsum("bhgd,bhtd->bhgt", qg.double(), keys.double()) * scale
+    logits = logits.masked_fill(~tok[:, :, None], float("-inf"))
+    out = torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), values.double())
+    state["step"] += 1
+    return out.reshape(B, 1, Hq, D)
+
+
+def test_sparse_decode_matches_oracle():
+    _, fc = tiny_pair("llama", 8, 2, 32, dtype=torch.float64, layers=2)
+    ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ids[1, :29], mask[1, :29] = 0, 0
+    cache = make_cache(fc, topk_pages=4, page_size=8, rerank_interval=5)
+    rec = Recorder(cache)
+    seen = []
+    orig = FlexiCacheLayer._decode
+
+    def spy(self, query, scale):
+        out = orig(self, query, scale)
+        seen.append((self.layer_idx, query.clone(), out.clone(), self.length, self.kv_valid[:, : self.length].clone(), scale))
+        return out
+
+    FlexiCacheLayer._decode = spy
+    try:
+        fc.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=60, min_new_tokens=60, do_sample=False)
+    finally:
+        FlexiCacheLayer._decode = orig
+    states = {i: {"step": 0, "sel": {}} for i in range(2)}
+    assert len(seen) == 2 * 59
+    for layer_idx, q, out, L, valid, scale in seen:
+        k, v = rec.kv(layer_idx)
+        expect = _oracle_decode(q, k[:, :, :L], v[:, :, :L], valid, states[layer_idx], cache.layers[layer_idx], cache.config, scale)
+        torch.testing.assert_close(out, expect.to(out.dtype), atol=1e-10, rtol=0)
+
+
+def test_no_data_loss_300_steps_with_padding():
+    _, fc = tiny_pair("llama", 6, 3, 32, layers=2)
+    ids = torch.randint(1, 256, (2, 101), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    ids[0, :17], mask[0, :17] = 0, 0
+    cache = make_cache(fc, topk_pages=3, page_size=16, rerank_interval=4)
+    rec = Recorder(cache)
+    fc.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=300, min_new_tokens=300, do_sample=False)
+    for layer_idx in range(2):
+        k, v = rec.kv(layer_idx)
+        fk, fv = cache.full_kv(layer_idx)
+        assert fk.shape == (2, 3, 101 + 299, 32)
+        assert torch.equal(fk, k) and torch.equal(fv, v)
+    report = cache.memory_report()
+    # stable heads hold only their slots on the GPU; the host holds every full page of theirs
+    layer = cache.layers[0]
+    slots = cache.config.resident_slots
+    assert report["stable_gpu_kv_bytes"] < report["dense_kv_bytes"] / 2
+    assert layer.offloaded.k.shape[2] == slots
+    assert layer.offloaded.host_len == (101 + 299) // 16
+
+
+def test_stable_gpu_bytes_bounded_by_budget():
+    _, fc = tiny_pair("llama", 4, 2, 32, layers=1)
+    ids = torch.randint(1, 256, (1, 500), generator=torch.Generator().manual_seed(7))
+    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(1, 2), topk_pages=4, page_size=16, rerank_interval=8)
+    fc.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
+    r = cache.memory_report()
+    per_slot = 2 * 2 * 16 * 32 * 4  # k+v, 2 heads, page, head_dim, fp32
+    assert r["gpu_kv_bytes"] == cache.config.resident_slots * per_slot
+    assert r["host_kv_bytes"] == ((500 + 39) // 16) * per_slot
+    # every resident slot holds a distinct page: no page is duplicated or lost
+    sp = cache.layers[0].offloaded.slot_page
+    for row in sp.view(-1, sp.shape[-1]):
+        used = row[row >= 0]
+        assert used.unique().numel() == used.numel() <= cache.config.resident_slots
