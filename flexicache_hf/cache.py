@@ -46,6 +46,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.unstable = sorted(unstable_heads)
         self.stable = [h for h in range(num_kv_heads) if h not in set(unstable_heads)]
         self.length = 0
+        self.calibration = None  # profile="auto": shared OnlineCalibration while it records
 
     # ---- set-up --------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -222,6 +223,8 @@ class FlexiCacheLayer(CacheLayerMixin):
         out_u = out_s = None
         if self.dense is not None:
             sel = self._select(q_u, self.dense, current)
+            if self.calibration is not None:
+                self.calibration.record(self.layer_idx, sel, current)
             page_ids = torch.cat([sel, sel.new_full((B, sel.shape[1], 1), current)], dim=-1)
             out_u = self._attend_pages(q_u, *self.dense.page_pools(), self.dense.slots_of(page_ids), page_ids, scale)
         if self.offloaded is not None:
@@ -230,7 +233,10 @@ class FlexiCacheLayer(CacheLayerMixin):
             out_s = self._attend_pages(q_s, *self.offloaded.attention_inputs(), scale)
         self.need_select = False
         self.decode_steps += 1
-        return self._merge(out_u, out_s).reshape(B, 1, Hq, D)
+        out = self._merge(out_u, out_s).reshape(B, 1, Hq, D)
+        if self.calibration is not None and self.calibration.ready() and self.layer_idx == self.calibration.num_layers - 1:
+            self.calibration.finish()
+        return out
 
     def _select(self, q: torch.Tensor, group, n_candidates: int) -> torch.Tensor:
         """Top-K pages among the full pages before the current one, per row of `group`: [B, Hg, <=K] ids."""
@@ -323,6 +329,14 @@ class FlexiCacheLayer(CacheLayerMixin):
         self._write_metadata(keys, 0)
         self.need_select, self.decode_steps = True, 0
 
+    def repartition(self, unstable_heads: list[int]) -> None:
+        """Move to a new stable/unstable split (after online calibration); every K/V is kept."""
+        keys, values = self._assemble()
+        valid = self.kv_valid[:, : self.length].clone()
+        self.unstable = sorted(unstable_heads)
+        self.stable = [h for h in range(self.num_kv_heads) if h not in set(unstable_heads)]
+        self._rebuild(keys, values, valid)
+
     def _select_batch(self, idx: torch.Tensor) -> None:
         idx = idx.to(self.device)
         for group in (self.dense, self.offloaded):
@@ -374,7 +388,8 @@ class FlexiCache(Cache):
     Args:
         model_config: the model's config (`model.config`).
         profile: which KV heads are unstable: a `HeadProfile`, a path to a profile JSON, a shipped
-            profile's model id, or None for the shipped profile of this model.
+            profile's model id, "auto" (calibrate online from the first decode steps, see
+            calibration.py), or None: the shipped profile of this model if there is one, else "auto".
         config: a `FlexiCacheConfig`; or pass its fields (topk_pages, page_size, rerank_interval, ...)
             directly as keyword arguments.
     """
@@ -400,8 +415,28 @@ class FlexiCache(Cache):
         num_layers = text.num_hidden_layers
         num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.profile = resolve_profile(profile, text, num_layers, num_kv_heads)
-        layers = [FlexiCacheLayer(i, num_kv_heads, self.profile.unstable_heads(i), self.config) for i in range(num_layers)]
+        self.calibration = None
+        if self.profile is None:  # "auto": every head unstable until the calibration decides
+            from flexicache_hf.calibration import OnlineCalibration
+
+            cfg = self.config
+            self.calibration = OnlineCalibration(num_layers, num_kv_heads, cfg.calibration_steps, cfg.auto_unstable, cfg.topk_pages)
+            self.calibration.finish = self._finish_calibration
+        unstable = (lambda i: list(range(num_kv_heads))) if self.profile is None else self.profile.unstable_heads
+        layers = [FlexiCacheLayer(i, num_kv_heads, unstable(i), self.config) for i in range(num_layers)]
+        for layer in layers:
+            layer.calibration = self.calibration
         super().__init__(layers=layers)
+
+    def _finish_calibration(self) -> None:
+        self.profile = self.calibration.result = self.calibration.classify()
+        for i, layer in enumerate(self.layers):
+            layer.calibration = None
+            if layer.is_initialized:
+                layer.repartition(self.profile.unstable_heads(i))
+            else:
+                layer.unstable = self.profile.unstable_heads(i)
+                layer.stable = [h for h in range(layer.num_kv_heads) if h not in set(layer.unstable)]
 
     def full_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every K/V that `update()` received for this layer, bit-exact: [batch, kv_heads, seq_len, head_dim]."""
@@ -416,8 +451,11 @@ class FlexiCache(Cache):
         return total
 
 
-def resolve_profile(profile, model_config, num_layers: int, num_kv_heads: int) -> HeadProfile:
+def resolve_profile(profile, model_config, num_layers: int, num_kv_heads: int) -> HeadProfile | None:
+    """The HeadProfile to use, or None for online calibration ("auto")."""
     model_id = getattr(model_config, "_name_or_path", None) or None
+    if isinstance(profile, str) and profile == "auto":
+        return None
     if isinstance(profile, str):
         import os
 
@@ -435,11 +473,7 @@ def resolve_profile(profile, model_config, num_layers: int, num_kv_heads: int) -
 
         profile = find_profile(model_config)
         if profile is None:
-            raise ValueError(
-                f"no shipped head profile matches this model ({model_id or 'unknown id'}, {num_layers} layers x "
-                f"{num_kv_heads} KV heads): pass profile=HeadProfile(...), a profile JSON path, or make one with "
-                "`flexicache profile`"
-            )
+            return None  # no shipped profile for this model: calibrate online
     if not isinstance(profile, HeadProfile):
         raise TypeError(f"profile must be a HeadProfile, a path or a model id, got {type(profile).__name__}")
     profile.check_model(num_layers, num_kv_heads, model_id)

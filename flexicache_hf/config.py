@@ -16,6 +16,9 @@ class FlexiCacheConfig:
         rerank_interval: stable heads re-select their pages every this many decode steps.
         host_headroom_pages: extra pages reserved in the pinned host pool beyond the prompt, so that
             decoding grows the pool rarely (it still grows on demand; nothing is dropped).
+        calibration_steps: with profile="auto", decode steps during which every head is unstable while
+            its page selections are recorded, before the split is decided (two 16-step chunks by default).
+        auto_unstable: with profile="auto", the fraction (or count) of KV heads kept unstable.
         use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
             elsewhere; True forces kernels (error if unavailable); False forces the references.
     """
@@ -24,13 +27,15 @@ class FlexiCacheConfig:
     topk_pages: int = 64
     rerank_interval: int = 16
     host_headroom_pages: int = 128
+    calibration_steps: int = 32
+    auto_unstable: float = 0.25
     use_kernels: bool | str = "auto"
 
     def __post_init__(self):
         def bad(name, value, rule):
             raise ValueError(f"FlexiCacheConfig.{name}={value!r} is invalid: {rule}")
 
-        for name in ("page_size", "topk_pages", "rerank_interval", "host_headroom_pages"):
+        for name in ("page_size", "topk_pages", "rerank_interval", "host_headroom_pages", "calibration_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 bad(name, value, "it must be an int")
@@ -42,6 +47,10 @@ class FlexiCacheConfig:
             bad("rerank_interval", self.rerank_interval, "it must be >= 1 (1 re-ranks stable heads every step)")
         if self.host_headroom_pages < 0:
             bad("host_headroom_pages", self.host_headroom_pages, "it must be >= 0")
+        if self.calibration_steps < 16:
+            bad("calibration_steps", self.calibration_steps, "it must be >= 16 (stability is measured over 16-step chunks), e.g. 32")
+        if isinstance(self.auto_unstable, bool) or not (0 < self.auto_unstable <= 1 or float(self.auto_unstable).is_integer()):
+            bad("auto_unstable", self.auto_unstable, "give a fraction in (0, 1], e.g. 0.25, or a head count")
         if self.use_kernels not in ("auto", True, False):
             bad("use_kernels", self.use_kernels, 'use "auto", True or False')
 
