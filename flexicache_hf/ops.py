@@ -82,6 +82,7 @@ def sparse_decode_attention_ref(
     logits = torch.einsum("ngd,nmtd->ngmt", q.to(acc), k) * scale
     logits = logits.masked_fill(~ok.unsqueeze(1), NEG_INF).reshape(N, G, -1)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
+    v = v.masked_fill(~ok.unsqueeze(-1), 0.0)  # unwritten slots may hold anything; 0 * NaN would leak
     out = torch.einsum("ngs,nsd->ngd", probs, v.reshape(N, -1, D))
     return out.to(q.dtype)
 

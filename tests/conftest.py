@@ -1,10 +1,17 @@
 """Tiny random models shared by the tests: a dense sdpa reference and a flexicache twin, same weights."""
 
 import copy
+import os
 
 import pytest
 import torch
-import transformers
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on the CPU; Triton reads this once, at import, and
+    # transformers (below) may import it through torch._dynamo.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
 
 import flexicache_hf  # noqa: F401  (registers "flexicache")
 from flexicache_hf import FlexiCache, HeadProfile

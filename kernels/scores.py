@@ -1,0 +1,59 @@
+"""Page scores: Quest MinMax upper bound of q.k per page, max over the GQA group, fp32.
+
+Semantics: ``flexicache_hf.ops.page_scores_ref``. One program scores BLOCK_P pages of one row for the
+whole group, so kmin/kmax (the only large input) are read once. The bound is computed elementwise,
+max(q*kmax, q*kmin), not as q+.kmax + q-.kmin: the two agree only when kmin <= kmax, and the kernel
+must match the reference on any input. It is memory-bound either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import new_output, next_pow2
+
+BLOCK_P = 16
+
+
+@triton.jit
+def _page_scores_kernel(
+    Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp,
+    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n = tl.program_id(0)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, D_PAD)
+    mask_p = offs_p < P
+    mask_d = offs_d < D
+    mask = mask_p[:, None] & mask_d[None, :]
+    p64 = offs_p.to(tl.int64)
+    kmin = tl.load(KMIN + n.to(tl.int64) * s_mn + p64[:, None] * s_mp + offs_d[None, :], mask=mask, other=0.0)
+    kmax = tl.load(KMAX + n.to(tl.int64) * s_xn + p64[:, None] * s_xp + offs_d[None, :], mask=mask, other=0.0)
+    kmin = kmin.to(tl.float32)
+    kmax = kmax.to(tl.float32)
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for g in tl.static_range(G):  # G is small (1..8 in practice): unrolled
+        qg = tl.load(Q + n * s_qn + g * s_qg + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        best = tl.maximum(best, tl.sum(tl.maximum(qg * kmax, qg * kmin), 1))
+    tl.store(OUT + n.to(tl.int64) * P + offs_p, best, mask=mask_p)
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32 (see ops.page_scores_ref)."""
+    N, G, D = q.shape
+    P = kmin.shape[1]
+    out = new_output((N, P), q.device, torch.float32)
+    if N == 0 or P == 0:
+        return out
+    if G == 0:
+        return out.fill_(float("-inf"))  # amax over an empty group (the reference raises instead)
+    # Unit stride along D lets the loads vectorise; anything else is copied once.
+    q, kmin, kmax = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kmin, kmax))
+    _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
+        q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
+        kmax.stride(0), kmax.stride(1), G=G, D=D, D_PAD=max(16, next_pow2(D)), BLOCK_P=BLOCK_P,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,214 @@
+"""Triton kernels vs their PyTorch references (flexicache_hf.ops.*_ref) on awkward random inputs.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below
+before Triton is imported) on small shapes; with CUDA the same tests run on the GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+# conftest.py sets TRITON_INTERPRET=1 without CUDA, before anything imports Triton (Triton reads it
+# at import: its jit helpers are built then).
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+pytest.importorskip("triton")
+
+from flexicache_hf import ops  # noqa: E402
+from flexicache_hf.kernels import _util, attention, copy, minmax, scores  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Kernel-allocated outputs start as NaN: a NaN left in a result is an element never written."""
+    monkeypatch.setattr(_util, "POISON", True)
+    torch.manual_seed(0)
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not out.isnan().any(), "output has NaN: an element was never written"
+    assert rel_err(out, ref) <= TOL[dtype], rel_err(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse_decode_attention
+# ------------------------------------------------------------------------------------------------
+def make_attention_case(dtype, G, D, ps, B=3, heads=2, M=5, T=77, S=31):
+    """Random case with the awkward parts: odd M/T/S, a partial last page (positions >= T), left
+    padding, -1 entries, a row with no page at all, a batch row with no valid token."""
+    N = B * heads
+    q = torch.randn(N, G, D, device=DEV).to(dtype)
+    k_pool = torch.randn(S, ps, D, device=DEV).to(dtype)
+    v_pool = torch.randn(S, ps, D, device=DEV).to(dtype)
+    n_pages = -(-T // ps)
+    page_ids = torch.randint(0, n_pages, (N, M), device=DEV)
+    page_ids[:, -1] = n_pages - 1  # every row sees the partial tail page
+    slots = torch.randint(0, S, (N, M), device=DEV)
+    slots[0, 1] = -1
+    slots[1, ::2] = -1
+    slots[2, :] = -1  # nothing to attend -> zeros
+    page_ids[slots < 0] = -1
+    kv_valid = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    kv_valid[1, :ps + 3] = False  # left padding, crossing a page boundary
+    kv_valid[0, -2:] = False  # not yet written tail
+    kv_valid[B - 1] = False  # a batch row with nothing valid
+    return q, k_pool, v_pool, slots, page_ids, kv_valid, D ** -0.5
+
+
+ATTN_CASES = [  # dtype, G, D, page_size
+    (torch.float32, 1, 64, 16),
+    (torch.float32, 3, 80, 8),
+    (torch.float32, 7, 128, 16),
+    (torch.bfloat16, 4, 128, 16),
+    (torch.bfloat16, 7, 80, 4),
+    (torch.bfloat16, 1, 64, 32),
+    (torch.float16, 3, 64, 16),
+]
+
+
+@pytest.mark.parametrize("dtype,G,D,ps", ATTN_CASES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_sparse_decode_attention(dtype, G, D, ps, num_splits):
+    args = make_attention_case(dtype, G, D, ps)
+    ref = ops.sparse_decode_attention_ref(*args)
+    out = attention._sparse_decode_attention(*args, num_splits=num_splits, block_t=16)
+    check(out, ref, dtype)
+    assert (out[2] == 0).all(), "a row with nothing to attend must give zeros"
+
+
+@pytest.mark.parametrize("dtype,G,D", [(torch.bfloat16, 4, 128), (torch.float32, 7, 128), (torch.float16, 3, 80)])
+def test_kernel_sparse_decode_attention_default_plan(dtype, G, D):
+    """The public entry point with its default launch shape (the tuned one on the GPU)."""
+    args = make_attention_case(dtype, G, D, 16, B=2, M=9, T=150, S=40)
+    check(attention.sparse_decode_attention(*args), ops.sparse_decode_attention_ref(*args), dtype)
+
+
+@pytest.mark.parametrize("v_load_mask", [False, True])
+def test_kernel_sparse_decode_attention_ignores_garbage_in_masked_tokens(v_load_mask, monkeypatch):
+    """Unwritten slots may hold anything, even NaN: masked tokens must not leak through 0 * NaN."""
+    monkeypatch.setattr(attention, "V_LOAD_MASK", v_load_mask)
+    q, k_pool, v_pool, slots, page_ids, kv_valid, scale = make_attention_case(torch.float32, 3, 64, 16)
+    ref = ops.sparse_decode_attention_ref(q, k_pool, v_pool, slots, page_ids, kv_valid, scale)
+    dirty_k, dirty_v = k_pool.clone(), v_pool.clone()
+    tail = (kv_valid.shape[1] - 1) // 16  # positions 77.. of the last page do not exist
+    for n in range(slots.shape[0]):
+        for m in range(slots.shape[1]):
+            if slots[n, m] >= 0 and page_ids[n, m] == tail:
+                dirty_k[slots[n, m], 77 % 16:] = float("nan")
+                dirty_v[slots[n, m], 77 % 16:] = float("nan")
+    out = attention._sparse_decode_attention(q, dirty_k, dirty_v, slots, page_ids, kv_valid, scale,
+                                             num_splits=2, block_t=16)
+    check(out, ref, torch.float32)
+
+
+def test_kernel_sparse_decode_attention_through_ops():
+    args = make_attention_case(torch.bfloat16, 3, 64, 16, B=2, M=3, T=40, S=9)
+    out = ops.sparse_decode_attention(*args, use_kernels=True)
+    check(out, ops.sparse_decode_attention_ref(*args), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# page_scores
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,D", [(1, 64), (3, 80), (7, 128), (5, 64)])
+def test_kernel_page_scores(dtype, G, D):
+    N, P = 5, 37
+    q = torch.randn(N, G, D, device=DEV).to(dtype)
+    a, b = torch.randn(2, N, P, D, device=DEV).to(dtype)
+    kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
+    kmin[1, 3] = kmax[1, 3] = 0  # an empty page's metadata
+    out = scores.page_scores(q, kmin, kmax)
+    check(out, ops.page_scores_ref(q, kmin, kmax), torch.float32 if dtype == torch.float32 else dtype)
+
+
+def test_kernel_page_scores_any_kmin_kmax_and_strides():
+    """Elementwise max(q*kmax, q*kmin), even where kmin > kmax; non-contiguous rows."""
+    q = torch.randn(4, 3, 80, device=DEV)
+    kk = torch.randn(4, 2, 21, 80, device=DEV)
+    kmin, kmax = kk[:, 0], kk[:, 1]  # views with a row stride of 2 * 21 * 80
+    check(scores.page_scores(q, kmin, kmax), ops.page_scores_ref(q, kmin, kmax), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# page_minmax
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ps,D", [(16, 128), (4, 80), (8, 64)])
+def test_kernel_page_minmax(dtype, ps, D):
+    B, H, P = 3, 2, 7
+    keys = torch.randn(B, H, P * ps, D, device=DEV).to(dtype)
+    valid = torch.ones(B, P * ps, dtype=torch.bool, device=DEV)
+    valid[0, : 2 * ps + 1] = False  # left padding: two empty pages and a partly valid one
+    valid[1, -3:] = False
+    valid[2] = False  # nothing valid: all zeros
+    kmin, kmax = minmax.page_minmax(keys, valid, ps)
+    rmin, rmax = ops.page_minmax_ref(keys, valid, ps)
+    assert not kmin.isnan().any() and not kmax.isnan().any()
+    assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax)
+
+
+def test_kernel_page_minmax_strided_keys():
+    keys = torch.randn(2, 24, 3, 64, device=DEV).transpose(1, 2)  # [B, H, T, D] with H/T swapped strides
+    valid = torch.rand(2, 24, device=DEV) > 0.3
+    got, ref = minmax.page_minmax(keys, valid, 8), ops.page_minmax_ref(keys, valid, 8)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# copy_pages
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (80, torch.float32), (64, torch.float16)])
+@pytest.mark.parametrize("src_on_host", [True, False])
+def test_kernel_copy_pages(D, dtype, src_on_host):
+    ps, S_src, S_dst, n = 16, 23, 13, 9
+    src = torch.randn(S_src, ps, D).to(dtype)
+    if DEV.type == "cuda":
+        src = src.pin_memory() if src_on_host else src.to(DEV)
+    elif not src_on_host:
+        pytest.skip("no second device on the CPU")
+    dst = torch.randn(S_dst, ps, D, device=DEV).to(dtype)
+    src_idx = torch.randperm(S_src)[:n]
+    dst_idx = torch.randperm(S_dst)[:n]
+    expect = dst.clone()
+    ops.copy_pages_ref(src, src_idx, expect, dst_idx)
+    copy._copy_pages(src, src_idx, dst, dst_idx, max_programs=4)  # fewer programs than pages: grid-stride
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(dst, expect)
+
+
+def test_kernel_copy_pages_empty_and_through_ops():
+    src = torch.randn(6, 16, 64)
+    if DEV.type == "cuda":
+        src = src.pin_memory()
+    dst = torch.zeros(4, 16, 64, device=DEV)
+    copy.copy_pages(src, torch.empty(0, dtype=torch.long), dst, torch.empty(0, dtype=torch.long))
+    assert (dst == 0).all()
+    ops.copy_pages(src, torch.tensor([5, 0]), dst, torch.tensor([1, 3]), use_kernels=True)
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(dst[1].cpu(), src[5]) and torch.equal(dst[3].cpu(), src[0]) and (dst[[0, 2]] == 0).all()
+
+
+def test_kernel_sparse_decode_attention_pv_tf32(monkeypatch):
+    monkeypatch.setattr(attention, "PV_TF32", True)
+    args = make_attention_case(torch.bfloat16, 4, 128, 16)
+    check(attention._sparse_decode_attention(*args, num_splits=2, block_t=32),
+          ops.sparse_decode_attention_ref(*args), torch.bfloat16)
+
+
+def test_kernel_sparse_decode_attention_v_load_mask(monkeypatch):
+    monkeypatch.setattr(attention, "V_LOAD_MASK", True)
+    args = make_attention_case(torch.float16, 3, 80, 16)
+    check(attention._sparse_decode_attention(*args, num_splits=2, block_t=32),
+          ops.sparse_decode_attention_ref(*args), torch.float16)
