@@ -26,11 +26,12 @@ def _nbytes(*tensors) -> int:
 
 
 def _grow(t: torch.Tensor, dim: int, new_size: int, pin: bool = False) -> torch.Tensor:
-    """A copy of `t` with dimension `dim` enlarged to `new_size` (new entries zero)."""
+    """A copy of `t` with dimension `dim` enlarged to `new_size` (new entries uninitialised: every reader
+    masks what was never written)."""
     shape = list(t.shape)
     shape[dim] = new_size
     try:
-        out = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=pin)
+        out = torch.empty(shape, dtype=t.dtype, device=t.device, pin_memory=pin)
     except RuntimeError as e:  # nothing is lost: the old tensor is still referenced by the caller
         where = "pinned host" if pin else str(t.device)
         size = t.element_size() * torch.Size(shape).numel()
@@ -101,9 +102,10 @@ class OffloadedHeads:
         self.v = torch.zeros_like(self.k)
         self.slot_page = torch.full((batch, heads, num_slots), -1, dtype=torch.long, device=device)
         self.cur_slot = torch.zeros(batch, heads, dtype=torch.long, device=device)
+        # uninitialised: only pages below host_len are ever read, and zeroing GiBs of host memory is slow
         host_shape = (host_pages, batch, heads, page_size, head_dim)
-        self.host_k = torch.zeros(host_shape, dtype=dtype, pin_memory=self.pin)
-        self.host_v = torch.zeros(host_shape, dtype=dtype, pin_memory=self.pin)
+        self.host_k = torch.empty(host_shape, dtype=dtype, pin_memory=self.pin)
+        self.host_v = torch.empty(host_shape, dtype=dtype, pin_memory=self.pin)
         self.host_len = 0  # pages 0 .. host_len-1 have been offloaded
         self.kmin = torch.zeros(batch, heads, capacity_pages, head_dim, dtype=dtype, device=device)
         self.kmax = torch.zeros_like(self.kmin)
@@ -120,6 +122,8 @@ class OffloadedHeads:
     def _reserve_host(self, pages: int) -> None:
         if pages > self.host_k.shape[0]:
             self.wait_offloads(host_reader=True)
+            if self.pin:  # promotion kernels read the old pool in place: let them finish before it is freed
+                torch.cuda.current_stream(self.device).synchronize()
             pages = max(pages, 2 * self.host_k.shape[0])
             self.host_k = _grow(self.host_k, 0, pages, pin=self.pin)
             self.host_v = _grow(self.host_v, 0, pages, pin=self.pin)
