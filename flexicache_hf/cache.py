@@ -443,11 +443,19 @@ class FlexiCache(Cache):
         return self.layers[layer_idx].full_kv()
 
     def memory_report(self) -> dict:
-        """Bytes held by the cache, summed over layers; `dense_kv_bytes` is what a DynamicCache would hold."""
+        """Bytes held by the cache, summed over layers; `dense_kv_bytes` is what a DynamicCache would hold.
+
+        `by_device` splits the same sums by the device of each layer (layers follow their inputs, so a
+        model spread with `device_map` keeps each layer's pages on that layer's device)."""
         total: dict = {}
+        by_device: dict = {}
         for layer in self.layers:
+            where = str(layer.device) if layer.is_initialized else "uninitialized"
             for key, value in layer.memory_report().items():
                 total[key] = total.get(key, 0) + value
+                dev = by_device.setdefault(where, {})
+                dev[key] = dev.get(key, 0) + value
+        total["by_device"] = by_device
         return total
 
 

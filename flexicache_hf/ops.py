@@ -118,23 +118,32 @@ def _kernels_for(t: torch.Tensor, use_kernels) -> object | None:
     return kernels
 
 
+def _run(kernel_name: str, ref, device_tensor: torch.Tensor, use_kernels, *args):
+    k = _kernels_for(device_tensor, use_kernels)
+    if k is None:
+        return ref(*args)
+    if device_tensor.device.type != "cuda":  # Triton's interpreter (tests on the CPU)
+        return getattr(k, kernel_name)(*args)
+    # Triton launches on the current device: a layer placed on another GPU (device_map) must switch to it
+    with torch.cuda.device(device_tensor.device):
+        return getattr(k, kernel_name)(*args)
+
+
 def page_minmax(keys, valid, page_size, use_kernels="auto"):
-    k = _kernels_for(keys, use_kernels)
-    return (k.page_minmax if k else page_minmax_ref)(keys, valid, page_size)
+    return _run("page_minmax", page_minmax_ref, keys, use_kernels, keys, valid, page_size)
 
 
 def page_scores(q, kmin, kmax, use_kernels="auto"):
-    k = _kernels_for(q, use_kernels)
-    return (k.page_scores if k else page_scores_ref)(q, kmin, kmax)
+    return _run("page_scores", page_scores_ref, q, use_kernels, q, kmin, kmax)
 
 
 def sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale, use_kernels="auto"):
-    k = _kernels_for(q, use_kernels)
-    fn = k.sparse_decode_attention if k else sparse_decode_attention_ref
-    return fn(q, k_pool, v_pool, slots, page_ids, kv_valid, scale)
+    return _run("sparse_decode_attention", sparse_decode_attention_ref, q, use_kernels,
+                q, k_pool, v_pool, slots, page_ids, kv_valid, scale)
 
 
 def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
-    k = _kernels_for(dst_pool, use_kernels)
-    fn = k.copy_pages if (k and src_pool.is_pinned()) else copy_pages_ref
-    return fn(src_pool, src_idx, dst_pool, dst_idx)
+    # the kernel's win is reading pinned host memory in place; other sources take the reference path
+    if dst_pool.device.type == "cuda" and not src_pool.is_pinned():
+        use_kernels = False
+    return _run("copy_pages", copy_pages_ref, dst_pool, use_kernels, src_pool, src_idx, dst_pool, dst_idx)
