@@ -184,13 +184,11 @@ class OffloadedHeads:
 
     def write_current(self, k, v, offset: int) -> None:
         """Write tokens [B, H, n, D] into every row's current page from `offset` on."""
-        idx = self.cur_slot.view(*self.cur_slot.shape, 1, 1, 1).expand(-1, -1, 1, *self.k.shape[3:])
-        page_k = self.k.gather(2, idx)  # [B, H, 1, page, D]
-        page_v = self.v.gather(2, idx)
-        page_k[:, :, 0, offset : offset + k.shape[2]] = k
-        page_v[:, :, 0, offset : offset + v.shape[2]] = v
-        self.k.scatter_(2, idx, page_k)
-        self.v.scatter_(2, idx, page_v)
+        B, H = self.cur_slot.shape
+        b = torch.arange(B, device=self.k.device).view(B, 1)
+        h = torch.arange(H, device=self.k.device).view(1, H)
+        self.k[b, h, self.cur_slot, offset : offset + k.shape[2]] = k
+        self.v[b, h, self.cur_slot, offset : offset + v.shape[2]] = v
 
     def current_page(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current page of every row, [B, H, 1, page, D]."""
@@ -230,8 +228,9 @@ class OffloadedHeads:
     def attention_inputs(self):
         """(k_pool, v_pool, slots, page_ids) covering every occupied slot: stable heads attend to all of them."""
         B, H, S, ps, D = self.k.shape
-        rows = torch.arange(B * H * S, device=self.k.device).view(B, H, S)
-        slots = torch.where(self.slot_page >= 0, rows, -1)
+        if getattr(self, "_rows", None) is None or self._rows.shape != (B, H, S):
+            self._rows = torch.arange(B * H * S, device=self.k.device).view(B, H, S)
+        slots = torch.where(self.slot_page >= 0, self._rows, -1)
         return self.k.view(-1, ps, D), self.v.view(-1, ps, D), slots, self.slot_page
 
     # ---- batch ops and accounting --------------------------------------------------------------
