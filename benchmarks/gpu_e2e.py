@@ -156,6 +156,7 @@ def main(argv=None):
     rows = []
     for shape in args.shapes:
         ctx, batch = (int(x) for x in shape.split("x"))
+        bench(model, lambda: DynamicCache(config=model.config), ctx, batch, 4)  # warm-up: the first run is cold
         dense = bench(model, lambda: DynamicCache(config=model.config), ctx, batch, args.new)
         make = lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16)  # noqa: E731
         # the first request page-locks its host pool (cudaHostAlloc, ~3 GB/s); later requests of the same
