@@ -20,6 +20,7 @@ import torch
 
 import flexicache_hf
 from flexicache_hf import FlexiCache
+from flexicache_hf.testing import UpdateRecorder
 
 
 def _sync():
@@ -67,21 +68,10 @@ def check_real_model(results: list[str]) -> None:
         tok.pad_token = tok.eos_token
     pids = tok([text[:3000], text[:2000]], return_tensors="pt", padding=True, padding_side="left").to("cuda")
     cache = FlexiCache(model.config, topk_pages=4, page_size=16, rerank_interval=4)
-    got = {}
-    inner = cache.update
-
-    def update(k, v, i, *a, **kw):
-        got.setdefault(i, []).append((k.clone(), v.clone()))
-        return inner(k, v, i, *a, **kw)
-
-    cache.update = update
+    rec = UpdateRecorder(cache)
     with torch.no_grad():
         model.generate(**pids, past_key_values=cache, max_new_tokens=300, min_new_tokens=300, do_sample=False)
-    exact = all(
-        torch.equal(torch.cat([p[0] for p in got[i]], 2), cache.full_kv(i)[0])
-        and torch.equal(torch.cat([p[1] for p in got[i]], 2), cache.full_kv(i)[1])
-        for i in got
-    )
+    exact = rec.all_exact()
     results.append(f"| no data loss, batch 2 left-padded, 300 sparse steps | full_kv bit-exact: {exact} | |")
     del model
     torch.cuda.empty_cache()

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import flexicache_hf  # noqa: F401
 from flexicache_hf import FlexiCache, HeadProfile
+from flexicache_hf.testing import UpdateRecorder
 
 
 def model_on(device_map, cfg, state):
@@ -42,23 +43,11 @@ def split_map(num_layers: int, devices: list) -> dict:
 
 def run(model, ids, profile, **knobs):
     cache = FlexiCache(model.config, profile=profile, **knobs)
-    got = {}
-    inner = cache.update
-
-    def update(k, v, i, *a, **kw):
-        got.setdefault(i, []).append((k.clone(), v.clone()))
-        return inner(k, v, i, *a, **kw)
-
-    cache.update = update
+    rec = UpdateRecorder(cache)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=48,
                              min_new_tokens=48, do_sample=False, pad_token_id=0)
-    exact = all(
-        torch.equal(torch.cat([p[0] for p in got[i]], 2), cache.full_kv(i)[0])
-        and torch.equal(torch.cat([p[1] for p in got[i]], 2), cache.full_kv(i)[1])
-        for i in got
-    )
-    return out.cpu(), cache.memory_report(), exact
+    return out.cpu(), cache.memory_report(), rec.all_exact()
 
 
 def main(argv=None):

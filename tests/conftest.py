@@ -15,6 +15,7 @@ import transformers  # noqa: E402
 
 import flexicache_hf  # noqa: F401  (registers "flexicache")
 from flexicache_hf import FlexiCache, HeadProfile
+from flexicache_hf.testing import UpdateRecorder
 
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -54,22 +55,7 @@ def make_cache(model, **knobs):
     return FlexiCache(model.config, **knobs)
 
 
-class Recorder:
-    """Wraps a cache's update() to keep a copy of every K/V it received (the no-data-loss oracle)."""
-
-    def __init__(self, cache):
-        self.received = {}
-        inner = cache.update
-
-        def update(k, v, layer_idx, *args, **kwargs):
-            self.received.setdefault(layer_idx, []).append((k.clone(), v.clone()))
-            return inner(k, v, layer_idx, *args, **kwargs)
-
-        cache.update = update
-
-    def kv(self, layer_idx):
-        parts = self.received[layer_idx]
-        return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+Recorder = UpdateRecorder  # the no-data-loss oracle
 
 
 @pytest.fixture
