@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "demo": ("flexicache_hf.demo", "pass-key retrieval on a real model: dense vs FlexiCache"),
     "profile": ("flexicache_hf.profile_cli", "record head stability and write a profile JSON"),
+    "eval": ("flexicache_hf.eval_cli", "accuracy retention: FlexiCache vs dense and peer methods"),
 }
 
 
