@@ -1,0 +1,21 @@
+"""profile="auto" against the shipped offline SmolLM2 profile: overlap of the unstable sets at the same M.
+
+    python benchmarks/auto_vs_offline.py   (CPU, ~15 s per sample after loading)
+"""
+import torch, time, warnings
+import flexicache_hf
+from flexicache_hf import FlexiCache
+from flexicache_hf.models import load_smollm2
+from flexicache_hf.profiles_registry import find_profile
+from flexicache_hf.profiling import cpython_text_windows
+model, tok = load_smollm2(attn_implementation="flexicache")
+offline = set(find_profile(model.config).unstable)
+M = len(offline)
+for i, w in enumerate(cpython_text_windows(tok, samples=2, num_tokens=3072, seed=11)):
+    ids = w.input_ids[:3072].unsqueeze(0)
+    t = time.time()
+    cache = FlexiCache(model.config, profile="auto", topk_pages=32, page_size=16, calibration_steps=32, auto_unstable=M)
+    with torch.no_grad():
+        model.generate(ids, past_key_values=cache, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    auto = set(cache.profile.unstable)
+    print(f"sample {i}: auto vs offline overlap at M={M}: {len(auto & offline) / M:.2f} (chance {M / 90:.2f}); {time.time() - t:.0f} s incl. prefill", flush=True)
