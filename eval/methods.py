@@ -1,0 +1,233 @@
+"""The methods compared, as small objects that make the cache of one request (kvpress style).
+
+Every method turns a shared dense prefill (`Prefill`: the prompt's K/V per layer, the last prompt
+queries, the logits of the last prompt token) into the `past_key_values` the decode steps run on, at a
+budget in tokens per KV head visible to decode attention:
+
+| name | cache | budget |
+|---|---|---|
+| dense | `DynamicCache` | none (everything) |
+| flexicache | FlexiCache, the model's head profile, rerank every 16 steps | topk_pages = budget / page_size |
+| flexicache_no_rerank | same, stable heads never re-select after the first decode step (they keep that selection plus every page created since) | same |
+| flexicache_all_stable | every head stable (rerank every 16) | same |
+| quest | every head unstable: re-select every step (Quest-style, nothing offloaded) | same |
+| flexicache_random_unstable | as many unstable heads as the profile, drawn at random (seeded) | same |
+| streamingllm | 4 sink tokens + the newest tokens | budget tokens |
+| snapkv | SnapKV prefill eviction (window 32, pooling 5), the window slides during decode | budget tokens |
+
+FlexiCache attends, besides its top-K pages, to the page holding the newest token (up to page_size - 1
+older tokens) and stable heads to the pages created since their last rerank (<= rerank_interval
+tokens): at most ~2 pages more than the peers' budget. That is the method as specified; the tables say so.
+
+A budget of None is "full": FlexiCache with enough pages for the whole context (it must then equal dense).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from flexicache_hf.eval import peers
+
+
+@dataclass
+class Prefill:
+    """One prompt, run once densely; every method starts from it."""
+
+    input_ids: torch.Tensor  # [1, T]
+    kv: list  # [(keys, values)] per layer, [1, H_kv, T, D], post-RoPE
+    queries: list | None  # per layer [1, Hq, w, D], the last prompt queries (post-RoPE), or None
+    last_logits: torch.Tensor  # [1, vocab] logits after the last prompt token
+    seconds: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@dataclass
+class Context:
+    """What methods need to know about the model being evaluated."""
+
+    model: object
+    profile: object  # the model's HeadProfile (shipped or temporary)
+    page_size: int = 16
+    max_new_tokens: int = 64  # for the "full" budget
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        return text.num_hidden_layers, (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+
+    @property
+    def scaling(self) -> float:
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return head_dim ** -0.5
+
+
+class Method:
+    name: str = "method"
+    uses_budget: bool = True
+
+    def make_cache(self, ctx: Context, budget: int | None, prefill: Prefill):
+        """A cache holding the prompt, ready for decode steps."""
+        raise NotImplementedError
+
+    def empty_cache(self, ctx: Context, budget: int | None, prompt_len: int):
+        """A cache for a plain model(...)/generate() prefill (used when the shared prefill cannot seed it)."""
+        raise NotImplementedError(f"{self.name} can only start from the shared prefill")
+
+    def describe(self) -> dict:
+        return {"name": self.name, "class": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+def _kv_copy(kv):
+    return [(k.clone(), v.clone()) for k, v in kv]
+
+
+@dataclass
+class Dense(Method):
+    name: str = "dense"
+    uses_budget: bool = False
+
+    def make_cache(self, ctx, budget, prefill):
+        cache = DynamicCache(config=ctx.config)
+        for i, (k, v) in enumerate(prefill.kv):
+            cache.update(k, v, i)  # DynamicLayer concatenates onto an empty tensor: a copy
+        return cache
+
+    def empty_cache(self, ctx, budget, prompt_len):
+        return DynamicCache(config=ctx.config)
+
+
+@dataclass
+class FlexiCacheMethod(Method):
+    """FlexiCache with a head profile: "model" (the model's), "all_stable", "all_unstable" or "random"."""
+
+    name: str = "flexicache"
+    profile: str = "model"
+    rerank_interval: int | None = 16  # None: never re-rank (an interval longer than the whole decode)
+    seed: int = 0
+
+    def head_profile(self, ctx: Context):
+        from flexicache_hf.profiles import HeadProfile
+
+        L, H = ctx.shape
+        if self.profile == "model":
+            return ctx.profile
+        if self.profile == "all_stable":
+            return HeadProfile.all_stable(L, H)
+        if self.profile == "all_unstable":
+            return HeadProfile.all_unstable(L, H)
+        if self.profile == "random":
+            pairs = [(l, h) for l in range(L) for h in range(H)]
+            chosen = random.Random(self.seed).sample(pairs, len(ctx.profile.unstable))
+            return HeadProfile(L, H, chosen, {"source": f"random unstable set, seed {self.seed}, size of the model profile"})
+        raise ValueError(f"unknown profile kind {self.profile!r}")
+
+    def topk_pages(self, ctx: Context, budget: int | None, prompt_len: int) -> int:
+        if budget is None:
+            return math.ceil((prompt_len + ctx.max_new_tokens + 1) / ctx.page_size)
+        if budget % ctx.page_size:
+            raise ValueError(f"budget {budget} is not a multiple of the page size {ctx.page_size}")
+        return budget // ctx.page_size
+
+    def empty_cache(self, ctx, budget, prompt_len):
+        from flexicache_hf import FlexiCache
+
+        # "never": FlexiCache sizes stable heads' GPU slots for the pages created between two reranks,
+        # so the interval is the decode length + 1 (the first decode step selects, none after)
+        interval = self.rerank_interval if self.rerank_interval is not None else ctx.max_new_tokens + 1
+        return FlexiCache(
+            ctx.config, profile=self.head_profile(ctx), topk_pages=self.topk_pages(ctx, budget, prompt_len),
+            page_size=ctx.page_size, rerank_interval=interval,
+        )
+
+    def make_cache(self, ctx, budget, prefill):
+        cache = self.empty_cache(ctx, budget, prefill.length)
+        layers = getattr(cache, "layers", [])
+        if not layers or not all(hasattr(layer, "_rebuild") for layer in layers):
+            raise NotImplementedError("this FlexiCache cannot be seeded from a prefill")
+        # `_rebuild` is what FlexiCacheLayer.crop uses to re-page a context: the same storage rules as a
+        # prefill (tests/test_eval.py checks that the seeded cache decodes exactly like a real prefill)
+        for layer, (k, v) in zip(layers, prefill.kv):
+            layer._rebuild(k, v, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device))
+        return cache
+
+
+@dataclass
+class StreamingLLM(Method):
+    name: str = "streamingllm"
+    n_sink: int = 4
+
+    def make_cache(self, ctx, budget, prefill):
+        budget = budget if budget is not None else prefill.length + ctx.max_new_tokens + 1
+        return peers.streaming_llm_cache(ctx.config, budget, self.n_sink, prefill_kv=prefill.kv)
+
+    def empty_cache(self, ctx, budget, prompt_len):
+        budget = budget if budget is not None else prompt_len + ctx.max_new_tokens + 1
+        return peers.streaming_llm_cache(ctx.config, budget, self.n_sink)
+
+
+@dataclass
+class SnapKV(Method):
+    name: str = "snapkv"
+    window: int = 32
+    kernel: int = 5
+
+    def make_cache(self, ctx, budget, prefill):
+        budget = budget if budget is not None else prefill.length + ctx.max_new_tokens + 1
+        if prefill.queries is None:
+            raise ValueError("SnapKV needs the prompt's last queries: run the prefill with query capture")
+        return peers.snapkv_cache(ctx.config, budget, prefill.kv, prefill.queries, ctx.scaling, self.window, self.kernel)
+
+
+def registry() -> dict[str, Method]:
+    """Every method by name (fresh objects)."""
+    return {
+        m.name: m
+        for m in (
+            Dense(),
+            FlexiCacheMethod(),
+            FlexiCacheMethod(name="flexicache_no_rerank", rerank_interval=None),
+            FlexiCacheMethod(name="flexicache_all_stable", profile="all_stable"),
+            FlexiCacheMethod(name="quest", profile="all_unstable"),
+            FlexiCacheMethod(name="flexicache_random_unstable", profile="random", seed=0),
+            StreamingLLM(),
+            SnapKV(),
+        )
+    }
+
+
+METHOD_NAMES = tuple(registry())
+
+
+def get_methods(names) -> list[Method]:
+    reg = registry()
+    unknown = [n for n in names if n not in reg]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(reg)}")
+    return [reg[n] for n in names]
+
+
+def cache_kv_bytes(cache) -> int | None:
+    """Bytes of K/V the cache keeps on the accelerator (FlexiCache: GPU-resident, not host)."""
+    if hasattr(cache, "memory_report"):
+        return int(cache.memory_report()["gpu_kv_bytes"])
+    if hasattr(cache, "kv_bytes"):
+        return int(cache.kv_bytes())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

