@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -88,10 +88,6 @@ class Method:
 
     def describe(self) -> dict:
         return {"name": self.name, "class": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
-
-
-def _kv_copy(kv):
-    return [(k.clone(), v.clone()) for k, v in kv]
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """`flexicache eval`: accuracy retention of FlexiCache vs dense, its ablations and eviction peers.
 
     flexicache eval --preset ci --out runs/ci                     # CPU, minutes (what tests/test_eval.py runs)
-    flexicache eval --preset cpu --threads 1 --out runs/cpu       # SmolLM2 at 4k on 2 CPU cores, ~1-2 h
-    flexicache eval --preset full --device cuda --out runs/full   # SmolLM2 to 8k, Qwen2.5-Coder-0.5B to 32k
+    flexicache eval --preset cpu --threads 1 --out runs/cpu       # SmolLM2 at 4k on 2 CPU cores, ~1.5 h
+    flexicache eval --preset full --device cuda --out runs/full   # SmolLM2 to 8k, Qwen2.5-Coder-0.5B to 32k, ~3 h
     flexicache eval --report-only --out runs/full                 # tables and plots from results.json
 
-Flags after --preset override the preset for every model in it (--model keeps only that model, or adds
-one). Results: <out>/results.json (resumable: a rerun skips (task, sample, method, budget) records already
+Flags after --preset override the preset for every model in it (--model keeps only that model's job, or
+runs the preset's first job on another model, e.g. a local HF folder). Results: <out>/results.json (resumable: a rerun skips (task, sample, method, budget) records already
 there), <out>/report.md (tables), <out>/score_vs_budget.png and <out>/fidelity.png. Tasks, methods and
 metrics: flexicache_hf.eval (repo folder eval/) and docs/accuracy.md.
 """

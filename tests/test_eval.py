@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from conftest import profile_for, tiny_pair
 from flexicache_hf.eval import methods as M
