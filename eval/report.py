@@ -143,7 +143,7 @@ def plot_scores(summary: dict, path) -> None:
     keys = sorted(summary)
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys) + 2.5, 4.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         summ = summary[key]
         for m, vals in sorted(summ.items(), key=lambda kv: ORDER.get(kv[0], 99)):
@@ -154,13 +154,14 @@ def plot_scores(summary: dict, path) -> None:
                 continue
             if numeric:
                 numeric.sort()
-                ax.plot([b for b, _ in numeric], [v for _, v in numeric], marker="o", label=m)
+                ax.plot([b for b, _ in numeric], [v for _, v in numeric], marker="o", label=m,
+                        color=plt.get_cmap("tab10")(ORDER.get(m, 9) % 10))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("budget (KV tokens per head visible at decode)")
         ax.set_ylabel("mean score (%)")
         ax.set_title(f"{key[0]}, {key[1]} tokens")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -177,18 +178,22 @@ def plot_fidelity(records: list[dict], path) -> None:
         groups[(r["model"], r["task"], r["length"])].append(r)
     if not groups:
         return
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups) + 2.5, 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    styles = ["--", "-", ":", "-."]
     for ax, (key, recs) in zip(axes[0], sorted(groups.items())):
+        budgets = sorted({r["budget"] for r in recs if r["budget"] is not None})
         for r in sorted(recs, key=lambda r: (ORDER.get(r["method"], 99), _bkey(r["budget"]))):
             if r["budget"] is None:
                 continue
             xs = [min((i + 1) * r["curve_every"], r["steps"]) for i in range(len(r["agreement_curve"]))]
-            ax.plot(xs, [100 * y for y in r["agreement_curve"]], marker=".", label=f"{r['method']}@{_bkey(r['budget'])}")
+            ax.plot(xs, [100 * y for y in r["agreement_curve"]], marker=".", color=colors(ORDER.get(r["method"], 9) % 10),
+                    linestyle=styles[budgets.index(r["budget"]) % len(styles)], label=f"{r['method']} @ {_bkey(r['budget'])}")
         ax.set_xlabel("decode step (teacher-forced)")
         ax.set_ylabel("top-1 agreement with dense (%), per window")
         ax.set_title(f"{key[0]}, {key[1]}, prompt {key[2]}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
