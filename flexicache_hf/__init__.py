@@ -4,6 +4,8 @@
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flexicache")
     cache = flexicache_hf.FlexiCache(model.config, profile=..., topk_pages=64)
     model.generate(ids, past_key_values=cache, max_new_tokens=512)
+
+On CUDA, `flexicache_hf.enable_cuda_graphs(model)` replays decode steps from CUDA graphs (graphs.py).
 """
 
 __version__ = "0.1.0"
@@ -11,8 +13,10 @@ __version__ = "0.1.0"
 from flexicache_hf.attention import register as _register
 from flexicache_hf.cache import FlexiCache, FlexiCacheLayer
 from flexicache_hf.config import FlexiCacheConfig
+from flexicache_hf.graphs import disable_cuda_graphs, enable_cuda_graphs
 from flexicache_hf.profiles import HeadProfile
 
 _register()
 
-__all__ = ["FlexiCache", "FlexiCacheLayer", "FlexiCacheConfig", "HeadProfile", "__version__"]
+__all__ = ["FlexiCache", "FlexiCacheLayer", "FlexiCacheConfig", "HeadProfile", "enable_cuda_graphs",
+           "disable_cuda_graphs", "__version__"]

@@ -10,11 +10,16 @@ Unstable heads select their top-K pages every decode step; stable heads every `r
 steps, attending in between to their selection plus the pages created since (the tail). The page that
 holds the newest token (the current page) is always attended. Nothing is ever dropped: `full_kv`
 reassembles every K/V that `update()` received.
+
+The decode step has fixed shapes and no host sync: the token's position lives on the device (`pos_t`),
+pages are scored over the whole capacity with the non-candidates masked, and the Python-side counters
+advance in one place (`advance_decode`), so graphs.py can capture a step and replay it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -35,6 +40,23 @@ class FlexiKV:
         self.layer = layer
 
 
+class DecodeFlags(NamedTuple):
+    """What a decode step does besides select + attend; decided by Python-side counters before the step."""
+
+    new_page: bool  # the token starts a page: stable heads give it a slot
+    fill: bool  # the token fills its page: MinMax metadata, and the stable heads' page goes to the host pool
+    rerank: bool  # stable heads re-select and promote
+
+
+class GraphState(NamedTuple):
+    """What a captured decode step depends on (graphs.py): its device, each layer's step kind, and the
+    identity of each layer's buffers (a version counter and capacities)."""
+
+    device: torch.device
+    flags: tuple
+    buffers: tuple
+
+
 class FlexiCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
@@ -46,6 +68,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.unstable = sorted(unstable_heads)
         self.stable = [h for h in range(num_kv_heads) if h not in set(unstable_heads)]
         self.length = 0
+        self.version = 0  # bumped whenever state tensors are replaced: captured decode graphs go stale
         self.calibration = None  # profile="auto": shared OnlineCalibration while it records
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -69,7 +92,10 @@ class FlexiCacheLayer(CacheLayerMixin):
         # kv_valid[b, pos]: written and not padding (from the attention mask); page_valid: any such token
         self.kv_valid = torch.zeros(B, pages * ps, dtype=torch.bool, device=self.device)
         self.page_valid = torch.zeros(B, pages, dtype=torch.bool, device=self.device)
+        self.pos_t = torch.zeros(1, dtype=torch.long, device=self.device)  # = length, on the device
+        self._page_offsets = torch.arange(ps, device=self.device)
         self.length = 0
+        self.version += 1
         self.meta_pages = 0  # pages 0 .. meta_pages-1 have MinMax metadata
         self.decode_steps = 0  # since the last full selection
         self.need_select = True  # after any multi-token forward every head selects afresh
@@ -93,6 +119,9 @@ class FlexiCacheLayer(CacheLayerMixin):
         return out
 
     def _reserve(self, length: int) -> None:
+        if self._fits(length):
+            return
+        self.version += 1
         pages = math.ceil(length / self.cfg.page_size)
         if pages > self.page_valid.shape[1]:
             pages = max(pages, 2 * self.page_valid.shape[1])
@@ -114,6 +143,12 @@ class FlexiCacheLayer(CacheLayerMixin):
             )
         start, n = self.length, key_states.shape[2]
         self._reserve(start + n)
+        handle = FlexiKV(self)
+        if n == 1 and start > 0:  # decode step
+            flags = self.decode_flags()
+            self._store_token(key_states, value_states, flags)
+            self.pending = (start, n, None, None, None, flags)
+            return handle, handle
         k_u, k_s = self._split(key_states)
         v_u, v_s = self._split(value_states)
         if self.dense is not None:
@@ -121,21 +156,77 @@ class FlexiCacheLayer(CacheLayerMixin):
         stable_chunk = self._store_stable(k_s, v_s, start) if self.offloaded is not None else None
         self.kv_valid[:, start : start + n] = True  # refined from the attention mask in attend()
         self.length = start + n
-        self.pending = (start, n, key_states, value_states, stable_chunk)
-        handle = FlexiKV(self)
+        self.pos_t.fill_(self.length)
+        self.pending = (start, n, key_states, value_states, stable_chunk, None)
         return handle, handle
 
-    def _store_stable(self, k, v, start):
-        """Current page into its GPU slot; every page that fills goes to the host pool, once."""
-        off, ps = self.offloaded, self.cfg.page_size
-        n = k.shape[2]
-        if n == 1 and start > 0:  # decode: one token into the current page
-            if start % ps == 0:
-                off.start_page(start // ps)
-            off.write_current(k, v, start % ps)
-            if (start + 1) % ps == 0:
-                off.offload(start // ps, *off.current_page())
+    def decode_flags(self) -> DecodeFlags:
+        L, ps = self.length, self.cfg.page_size
+        rerank = self.offloaded is not None and (self.need_select or self.decode_steps % self.cfg.rerank_interval == 0)
+        return DecodeFlags(new_page=L % ps == 0, fill=(L + 1) % ps == 0, rerank=rerank)
+
+    def _store_token(self, k, v, flags: DecodeFlags) -> None:
+        """Decode: one token at position pos_t; a token is always valid (its own attention mask entry)."""
+        k_u, k_s = self._split(k)
+        v_u, v_s = self._split(v)
+        pos = self.pos_t
+        if self.dense is not None:
+            self.dense.write_at(k_u, v_u, pos)
+        if self.offloaded is not None:
+            self.offloaded.write_token(k_s, v_s, pos, flags.new_page)
+        self.kv_valid.index_fill_(1, pos, True)
+        if flags.fill:
+            page = pos // self.cfg.page_size
+            self._page_metadata(page)
+            if self.offloaded is not None:
+                self.offloaded.offload_current(page)
+
+    def _page_metadata(self, page: torch.Tensor) -> None:
+        """MinMax metadata of page `page` (device tensor [1]), whose keys are all on the GPU."""
+        ps = self.cfg.page_size
+        tokens = page * ps + self._page_offsets
+        valid = self.kv_valid.index_select(1, tokens)  # [B, ps]
+        for group in (self.dense, self.offloaded):
+            if group is None:
+                continue
+            keys = group.k.index_select(2, tokens) if group is self.dense else group.current_page()[0][:, :, 0]
+            kmin, kmax = ops.page_minmax(keys, valid, ps, self.cfg.use_kernels)
+            group.kmin.index_copy_(2, page, kmin)
+            group.kmax.index_copy_(2, page, kmax)
+        self.page_valid.index_copy_(1, page, valid.any(-1, keepdim=True))
+
+    def advance_decode(self, flags: DecodeFlags) -> None:
+        """Every Python-side effect of one decode step (a replayed graph runs only the device side)."""
+        self.length += 1
+        self.decode_steps += 1
+        self.need_select = False
+        if flags.fill:
+            self.meta_pages += 1
+
+    def _fits(self, tokens: int) -> bool:
+        """Whether `tokens` tokens fit without growing any buffer."""
+        pages = math.ceil(tokens / self.cfg.page_size)
+        caps = [self.page_valid.shape[1], self.kv_valid.shape[1] // self.cfg.page_size]
+        caps += [g.kmin.shape[2] for g in (self.dense, self.offloaded) if g is not None]
+        return pages <= min(caps)
+
+    def graph_key(self):
+        """What a captured decode step of this layer depends on, or None if the next step cannot be captured
+        (not a CUDA decode step, a buffer would grow, a prefill offload is still to be waited for)."""
+        if not self.is_initialized or self.length == 0 or self.device.type != "cuda" or not self._fits(self.length + 1):
             return None
+        flags = self.decode_flags()
+        off = self.offloaded
+        host = 0
+        if off is not None:
+            if off.offloaded is not None or (flags.fill and off.host_len >= off.host_k.shape[0]):
+                return None
+            host = off.host_k.shape[0]
+        return flags, self.version, self.kv_valid.shape[1], host
+
+    def _store_stable(self, k, v, start):
+        """Multi-token: current page into its GPU slot; every page that fills goes to the host pool, once."""
+        off, ps = self.offloaded, self.cfg.page_size
         # multi-token: complete the partial current page, offload all full pages, keep the remainder
         # resident; every head re-selects (and promotes) at the next decode step.
         first = start - start % ps
@@ -158,18 +249,18 @@ class FlexiCacheLayer(CacheLayerMixin):
             raise RuntimeError(f"layer {self.layer_idx}: attention called without a preceding cache update")
         if kwargs.get("softcap") is not None:
             raise NotImplementedError("FlexiCache does not support attention logit softcapping (softcap)")
+        start, n, key_states, value_states, stable_chunk, flags = self.pending
+        self.pending = None
         window = kwargs.get("sliding_window")
-        if window is not None and self.length > window:
+        if window is not None and start + n > window:
             # below the window a sliding layer attends to everything, exactly like a full one
             raise NotImplementedError(
-                f"layer {self.layer_idx} is a sliding-window layer (window {window}) and the context ({self.length} "
+                f"layer {self.layer_idx} is a sliding-window layer (window {window}) and the context ({start + n} "
                 "tokens) now exceeds the window: FlexiCache supports full-attention layers only"
             )
-        start, n, key_states, value_states, stable_chunk = self.pending
-        self.pending = None
+        if flags is not None:
+            return self._decode(query, scaling if scaling is not None else module.scaling, flags), None
         self._record_validity(attention_mask, start, n)
-        if n == 1 and start > 0:
-            return self._decode(query, scaling if scaling is not None else module.scaling), None
         # multi-token forward: dense attention over the whole context, exactly as HF's sdpa
         if start == 0:
             keys, values = key_states, value_states
@@ -205,18 +296,8 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.page_valid[:, p0:p1] = valid.view(self.batch, -1, ps).any(-1)
         self.meta_pages = p1
 
-    def _decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
-        ps, L = self.cfg.page_size, self.length
-        current = (L - 1) // ps
-        if L // ps > self.meta_pages:  # the current page just filled: its keys sit in the GPU buffer/slot
-            first = self.meta_pages * ps
-            k_u = self.dense.k[:, :, first:L] if self.dense is not None else None
-            k_s = None
-            if self.offloaded is not None:
-                if L // ps - self.meta_pages != 1:
-                    raise RuntimeError("metadata lags by more than one page: attend() was skipped after update()")
-                k_s = self.offloaded.current_page()[0][:, :, 0]
-            self._write_metadata(self._merge(k_u, k_s), first)
+    def _decode(self, query: torch.Tensor, scale: float, flags: DecodeFlags) -> torch.Tensor:
+        current = self.pos_t // self.cfg.page_size  # the page that holds the new token, [1] on the device
         B, Hq, _, D = query.shape
         G = Hq // self.num_kv_heads
         q_u, q_s = self._split(query.reshape(B, self.num_kv_heads, G, D))
@@ -224,37 +305,35 @@ class FlexiCacheLayer(CacheLayerMixin):
         if self.dense is not None:
             sel = self._select(q_u, self.dense, current)
             if self.calibration is not None:
-                self.calibration.record(self.layer_idx, sel, current)
-            page_ids = torch.cat([sel, sel.new_full((B, sel.shape[1], 1), current)], dim=-1)
+                self.calibration.record(self.layer_idx, sel, self.length // self.cfg.page_size)
+            page_ids = torch.cat([sel, current.view(1, 1, 1).expand(B, sel.shape[1], 1)], dim=-1)
             out_u = self._attend_pages(q_u, *self.dense.page_pools(), self.dense.slots_of(page_ids), page_ids, scale)
         if self.offloaded is not None:
-            if self.need_select or self.decode_steps % self.cfg.rerank_interval == 0:
+            if flags.rerank:
                 self.offloaded.promote(self._select(q_s, self.offloaded, current), current)
             out_s = self._attend_pages(q_s, *self.offloaded.attention_inputs(), scale)
-        self.need_select = False
-        self.decode_steps += 1
+        self.pos_t.add_(1)
+        self.advance_decode(flags)
         out = self._merge(out_u, out_s).reshape(B, 1, Hq, D)
         if self.calibration is not None and self.calibration.ready() and self.layer_idx == self.calibration.num_layers - 1:
             self.calibration.finish()
         return out
 
-    def _select(self, q: torch.Tensor, group, n_candidates: int) -> torch.Tensor:
-        """Top-K pages among the full pages before the current one, per row of `group`: [B, Hg, <=K] ids."""
+    def _select(self, q: torch.Tensor, group, current: torch.Tensor) -> torch.Tensor:
+        """Top-K pages among the valid full pages before `current`, per row of `group`: [B, Hg, K] ids, -1 = none.
+
+        Scores cover the whole metadata capacity (fixed shape) and non-candidates are masked out; when
+        there are at most K candidates every one of them is selected."""
         B, Hg, G, D = q.shape
-        K = self.cfg.topk_pages
-        valid = self.page_valid[:, None, :n_candidates]
-        if n_candidates <= K:  # budget covers every page: no scoring needed
-            ids = torch.arange(n_candidates, device=q.device).expand(B, Hg, n_candidates)
-            return torch.where(valid, ids, -1)
+        cap = group.kmin.shape[2]
         scores = ops.page_scores(
-            q.reshape(B * Hg, G, D),
-            group.kmin[:, :, :n_candidates].reshape(B * Hg, n_candidates, D),
-            group.kmax[:, :, :n_candidates].reshape(B * Hg, n_candidates, D),
-            self.cfg.use_kernels,
-        ).view(B, Hg, n_candidates)
-        scores = scores.masked_fill(~valid, ops.NEG_INF)  # all-padding pages are never selected
-        top, ids = scores.topk(K, dim=-1, sorted=False)
-        return torch.where(top > ops.NEG_INF, ids, -1)
+            q.reshape(B * Hg, G, D), group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D), self.cfg.use_kernels
+        ).view(B, Hg, cap)
+        candidate = self.page_valid[:, None, :cap] & (torch.arange(cap, device=q.device) < current)
+        scores = scores.masked_fill(~candidate, ops.NEG_INF)  # all-padding pages are never selected
+        top, ids = scores.topk(min(self.cfg.topk_pages, cap), dim=-1, sorted=False)
+        # ascending page order: attention then sums pages in context order whatever topk returned
+        return torch.where(top > ops.NEG_INF, ids, -1).sort(dim=-1).values
 
     def _attend_pages(self, q, k_pool, v_pool, slots, page_ids, scale):
         B, Hg, G, D = q.shape
@@ -345,6 +424,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.kv_valid = self.kv_valid.index_select(0, idx)
         self.page_valid = self.page_valid.index_select(0, idx)
         self.batch = idx.numel()
+        self.version += 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized and self.length > 0:
@@ -426,7 +506,23 @@ class FlexiCache(Cache):
         layers = [FlexiCacheLayer(i, num_kv_heads, unstable(i), self.config) for i in range(num_layers)]
         for layer in layers:
             layer.calibration = self.calibration
+        self.decode_graphs = None  # graphs.py keeps this cache's captured decode steps here
         super().__init__(layers=layers)
+
+    def graph_state(self) -> GraphState | None:
+        """The state a captured decode step depends on, or None when the next step must run eagerly."""
+        if self.calibration is not None and self.calibration.active:
+            return None
+        keys = [layer.graph_key() for layer in self.layers]
+        if any(k is None for k in keys):
+            return None
+        devices = {layer.device for layer in self.layers}
+        if len(devices) != 1:
+            return None
+        device = devices.pop()
+        if not ops.kernels_available(device, self.config.use_kernels):  # the references wait for the host
+            return None
+        return GraphState(device, tuple(k[0] for k in keys), tuple(k[1:] for k in keys))
 
     def _finish_calibration(self) -> None:
         self.profile = self.calibration.result = self.calibration.classify()

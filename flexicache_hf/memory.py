@@ -12,6 +12,10 @@ Two head groups per layer, each owning its storage:
 
 The host pool is page-major so that offloading one page of every row is a single contiguous copy.
 Nothing outside this module indexes the pools; the cache asks for pages, slots and bytes.
+
+Decode-step operations (`write_at`, `write_token`, `offload_current`, `promote`) take positions and pages
+as device tensors, keep every shape fixed and never wait for the host, so a whole decode step can be
+captured in a CUDA graph (graphs.py): they update state tensors in place and never reallocate them.
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ class DenseHeads:
         self.k[:, :, start : start + k.shape[2]] = k
         self.v[:, :, start : start + v.shape[2]] = v
 
+    def write_at(self, k, v, pos: torch.Tensor) -> None:
+        """Decode: one token [B, H, 1, D] at position `pos` (device tensor [1])."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, :length], self.v[:, :, :length]
 
@@ -102,6 +111,7 @@ class OffloadedHeads:
         self.v = torch.zeros_like(self.k)
         self.slot_page = torch.full((batch, heads, num_slots), -1, dtype=torch.long, device=device)
         self.cur_slot = torch.zeros(batch, heads, dtype=torch.long, device=device)
+        self._index_tensors()
         # uninitialised: only pages below host_len are ever read, and zeroing GiBs of host memory is slow
         host_shape = (host_pages, batch, heads, page_size, head_dim)
         self.host_k = torch.empty(host_shape, dtype=dtype, pin_memory=self.pin)
@@ -113,6 +123,14 @@ class OffloadedHeads:
         self.copy_stream = torch.cuda.Stream(self.device, priority=0) if self.pin else None
         self.offloaded = None
 
+    def _index_tensors(self) -> None:
+        # made once, eagerly: a tensor first allocated inside a graph capture holds nothing until replay
+        B, H, S = self.slot_page.shape
+        self._b = torch.arange(B, device=self.device).view(B, 1)
+        self._h = torch.arange(H, device=self.device).view(1, H)
+        self._rows = torch.arange(B * H, device=self.device).view(B, H, 1)  # row = b * H + h
+        self._slots = torch.arange(B * H * S, device=self.device).view(B, H, S)
+
     # ---- capacity ------------------------------------------------------------------------------
     def reserve_metadata(self, pages: int) -> None:
         if pages > self.kmin.shape[2]:
@@ -121,9 +139,8 @@ class OffloadedHeads:
 
     def _reserve_host(self, pages: int) -> None:
         if pages > self.host_k.shape[0]:
+            # kernels read and write the old pool in place: let them finish before it is freed
             self.wait_offloads(host_reader=True)
-            if self.pin:  # promotion kernels read the old pool in place: let them finish before it is freed
-                torch.cuda.current_stream(self.device).synchronize()
             pages = max(pages, 2 * self.host_k.shape[0])
             self.host_k = _grow(self.host_k, 0, pages, pin=self.pin)
             self.host_v = _grow(self.host_v, 0, pages, pin=self.pin)
@@ -156,13 +173,33 @@ class OffloadedHeads:
                 self.offloaded.record(self.copy_stream)
         self.host_len = first_page + n
 
+    def offload_current(self, page: torch.Tensor) -> None:
+        """Decode: the current page just filled; copy it (page `page`, device tensor [1]) to the host pool.
+
+        A kernel writes the mapped pinned pool directly (zero-copy), on the compute stream: no staging, no
+        host sync, and the page slot stays untouched until the copy has read it (same stream)."""
+        if self.host_len >= self.host_k.shape[0]:
+            self._reserve_host(self.host_len + 1)
+        B, H, S, ps, D = self.k.shape
+        src = (self._rows * S + self.cur_slot.unsqueeze(-1)).view(-1)
+        dst = (page * (B * H) + self._rows).view(-1)  # host pool [pages, B, H]: index (page * B + b) * H + h
+        for gpu, host in ((self.k, self.host_k), (self.v, self.host_v)):
+            ops.copy_pages(gpu.view(-1, ps, D), src, host.view(-1, ps, D), dst)
+        self.host_len += 1
+
     def wait_offloads(self, host_reader: bool) -> None:
-        """Order a read of the host pool after the offloads in flight (CPU reader: block; GPU: wait)."""
+        """Order a read of the host pool after the writes in flight.
+
+        CPU reader: block until the copy stream (prefill offloads) and the compute stream (decode offloads,
+        written by kernels in stream order) are done. GPU reader: the compute stream waits for the prefill
+        offloads once; decode offloads are already in its order."""
+        if host_reader:
+            if self.pin:
+                torch.cuda.synchronize(self.device)
+            return
         if self.offloaded is not None:
-            if host_reader:
-                self.offloaded.synchronize()
-            else:
-                torch.cuda.current_stream(self.device).wait_event(self.offloaded)
+            torch.cuda.current_stream(self.device).wait_event(self.offloaded)
+            self.offloaded = None
 
     def host_pages(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages first .. last-1 from the host pool, on the GPU, as [B, H, n, page, D]."""
@@ -175,12 +212,24 @@ class OffloadedHeads:
     def clear_slots(self) -> None:
         self.slot_page.fill_(-1)
 
-    def start_page(self, page: int) -> None:
-        """Give every row a free slot for its new current page `page`."""
+    def start_page(self, page: int | torch.Tensor) -> None:
+        """Give every row a free slot for its new current page `page` (an int, or a device tensor [1])."""
         free = self.slot_page < 0
         # first free slot per row; the slot count guarantees one exists (topk + current + tail pages)
-        self.cur_slot = free.to(torch.int8).argmax(-1)
-        self.slot_page.scatter_(-1, self.cur_slot.unsqueeze(-1), page)
+        self.cur_slot.copy_(free.to(torch.int8).argmax(-1))
+        idx = self.cur_slot.unsqueeze(-1)
+        if isinstance(page, torch.Tensor):
+            self.slot_page.scatter_(-1, idx, page.view(1, 1, 1).expand_as(idx))
+        else:
+            self.slot_page.scatter_(-1, idx, page)
+
+    def write_token(self, k, v, pos: torch.Tensor, new_page: bool) -> None:
+        """Decode: one token [B, H, 1, D] at position `pos` (device tensor [1]) into the current page."""
+        if new_page:
+            self.start_page(pos // self.page_size)
+        idx = (self._b, self._h, self.cur_slot, pos % self.page_size)
+        self.k.index_put_(idx, k[:, :, 0])
+        self.v.index_put_(idx, v[:, :, 0])
 
     def write_current(self, k, v, offset: int) -> None:
         """Write tokens [B, H, n, D] into every row's current page from `offset` on."""
@@ -196,13 +245,15 @@ class OffloadedHeads:
         return self.k.gather(2, idx), self.v.gather(2, idx)
 
     # ---- promotion: host -> GPU slots ----------------------------------------------------------
-    def promote(self, selected: torch.Tensor, current_page: int) -> int:
+    def promote(self, selected: torch.Tensor, current_page: torch.Tensor) -> None:
         """Make the resident set exactly `selected` [B, H, K] (page ids, -1 = none) plus the current page.
 
         Slots of demoted pages are freed; newly selected pages are copied from the host pool into them.
-        Returns the number of pages copied.
+        Fixed shapes, no host sync: every (row, k) entry is a copy job, and the ones with nothing to copy
+        carry index -1, which the copy skips.
         """
         sp = self.slot_page
+        B, H, S = sp.shape
         keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
         sp.masked_fill_(~keep & (sp >= 0), -1)
         resident = (selected.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
@@ -211,26 +262,21 @@ class OffloadedHeads:
         free_first = torch.argsort((sp >= 0).to(torch.int8), dim=-1, stable=True)
         rank = (missing.cumsum(-1) - 1).clamp(min=0)
         dst = free_first.gather(-1, rank)
-        b, h, j = missing.nonzero(as_tuple=True)
-        if b.numel() == 0:
-            return 0
-        pages, slots = selected[b, h, j], dst[b, h, j]
-        sp[b, h, slots] = pages
-        B, H, S = sp.shape
-        src_idx = (pages * B + b) * H + h  # host pool is [pages, B, H, ...]
-        dst_idx = (b * H + h) * S + slots
+        # block table: missing pages into their slots; everything else lands in a spare column S
+        table = torch.cat([sp, sp.new_full((B, H, 1), -1)], dim=-1)
+        table.scatter_(-1, torch.where(missing, dst, S), selected)
+        sp.copy_(table[..., :S])
+        src_idx = torch.where(missing, selected * (B * H) + self._rows, -1).view(-1)  # host [pages, B, H]
+        dst_idx = torch.where(missing, self._rows * S + dst, -1).view(-1)
         ps, D = self.k.shape[3:]
         self.wait_offloads(host_reader=not self.pin)
         for host, gpu in ((self.host_k, self.k), (self.host_v, self.v)):
-            ops.copy_pages(host.view(-1, ps, D), src_idx.cpu() if not self.pin else src_idx, gpu.view(-1, ps, D), dst_idx)
-        return int(b.numel())
+            ops.copy_pages(host.view(-1, ps, D), src_idx, gpu.view(-1, ps, D), dst_idx)
 
     def attention_inputs(self):
         """(k_pool, v_pool, slots, page_ids) covering every occupied slot: stable heads attend to all of them."""
-        B, H, S, ps, D = self.k.shape
-        if getattr(self, "_rows", None) is None or self._rows.shape != (B, H, S):
-            self._rows = torch.arange(B * H * S, device=self.k.device).view(B, H, S)
-        slots = torch.where(self.slot_page >= 0, self._rows, -1)
+        ps, D = self.k.shape[3:]
+        slots = torch.where(self.slot_page >= 0, self._slots, -1)
         return self.k.view(-1, ps, D), self.v.view(-1, ps, D), slots, self.slot_page
 
     # ---- batch ops and accounting --------------------------------------------------------------
@@ -238,6 +284,7 @@ class OffloadedHeads:
         self.wait_offloads(host_reader=True)
         for name in ("k", "v", "slot_page", "cur_slot", "kmin", "kmax"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
+        self._index_tensors()
         cpu_idx = idx.cpu()
         for name in ("host_k", "host_v"):
             t = getattr(self, name).index_select(1, cpu_idx)

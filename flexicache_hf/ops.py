@@ -88,22 +88,26 @@ def sparse_decode_attention_ref(
 
 
 def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor) -> None:
-    """dst_pool[dst_idx] = src_pool[src_idx] for page pools [S, page_size, D] on any devices.
+    """dst_pool[dst_idx] = src_pool[src_idx] for page pools [S, page_size, D] on any devices; entries
+    whose src_idx is -1 copy nothing (fixed-shape callers mark the pages that need no copy that way).
 
-    Used for promotion (pinned host pool -> GPU slots). This reference gathers on the source device and
-    then copies: the slow path on CUDA, which the zero-copy kernel replaces.
+    Used for promotion (pinned host pool -> GPU slots) and decode offload (GPU slots -> host pool). This
+    reference gathers on the source device and then copies: the slow path on CUDA (it waits for the
+    host), which the zero-copy kernel replaces.
     """
+    keep = (src_idx >= 0).nonzero().view(-1)
+    src_idx, dst_idx = src_idx[keep], dst_idx[keep.to(dst_idx.device)]
     if src_idx.numel() == 0:
         return
     pages = src_pool[src_idx.to(src_pool.device)]
-    dst_pool[dst_idx.to(dst_pool.device)] = pages.to(dst_pool.device, non_blocking=True)
+    dst_pool[dst_idx.to(dst_pool.device)] = pages.to(dst_pool.device)
 
 
 # ------------------------------------------------------------------------------------------------
 # dispatch: kernels on CUDA, references elsewhere
 # ------------------------------------------------------------------------------------------------
-def _kernels_for(t: torch.Tensor, use_kernels) -> object | None:
-    if use_kernels is False or (use_kernels == "auto" and t.device.type != "cuda"):
+def _kernels_for(device_type: str, use_kernels) -> object | None:
+    if use_kernels is False or (use_kernels == "auto" and device_type != "cuda"):
         return None
     try:
         from flexicache_hf import kernels
@@ -118,8 +122,13 @@ def _kernels_for(t: torch.Tensor, use_kernels) -> object | None:
     return kernels
 
 
+def kernels_available(device: torch.device, use_kernels="auto") -> bool:
+    """Whether ops on tensors of `device` run the Triton kernels."""
+    return _kernels_for(device.type, use_kernels) is not None
+
+
 def _run(kernel_name: str, ref, device_tensor: torch.Tensor, use_kernels, *args):
-    k = _kernels_for(device_tensor, use_kernels)
+    k = _kernels_for(device_tensor.device.type, use_kernels)
     if k is None:
         return ref(*args)
     if device_tensor.device.type != "cuda":  # Triton's interpreter (tests on the CPU)
@@ -143,7 +152,10 @@ def sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale,
 
 
 def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
-    # the kernel's win is reading pinned host memory in place; other sources take the reference path
-    if dst_pool.device.type == "cuda" and not src_pool.is_pinned():
+    # the kernel's win is reading or writing pinned host memory in place; a pageable host pool on one
+    # side of a GPU copy takes the reference path
+    gpu = dst_pool if dst_pool.device.type == "cuda" else src_pool
+    host = src_pool if gpu is dst_pool else dst_pool
+    if gpu.device.type == "cuda" and host.device.type == "cpu" and not host.is_pinned():
         use_kernels = False
-    return _run("copy_pages", copy_pages_ref, dst_pool, use_kernels, src_pool, src_idx, dst_pool, dst_idx)
+    return _run("copy_pages", copy_pages_ref, gpu, use_kernels, src_pool, src_idx, dst_pool, dst_idx)

@@ -1,9 +1,10 @@
-"""Page promotion: dst_pool[dst_idx] = src_pool[src_idx], reading a pinned host pool in place.
+"""Page copies between pools: dst_pool[dst_idx] = src_pool[src_idx], entries with src_idx -1 skipped.
 
+Promotion reads a pinned host pool in place; decode offload writes one in place.
 Semantics: ``flexicache_hf.ops.copy_pages_ref``. With unified addressing a pinned (page-locked,
 mapped) host tensor's address is valid on the GPU, so a kernel can load the scattered host pages
 directly over PCIe (zero-copy): no CPU-side gather into a staging buffer, no copy-engine launch per
-page. Triton takes any object with ``data_ptr()`` and ``dtype`` as a pointer, and its launcher
+page, no host sync (a fixed-shape copy with skipped entries can be captured in a CUDA graph). Triton takes any object with ``data_ptr()`` and ``dtype`` as a pointer, and its launcher
 translates the address through cuPointerGetAttribute, which succeeds for pinned host memory; the host
 pool is handed over in a small wrapper (``_HostPtr``) so that it is never treated as a CPU tensor.
 Like the reference's non_blocking copy, the kernel runs asynchronously on the current stream: the
@@ -24,6 +25,9 @@ import triton.language as tl
 from ._util import interpreting, next_pow2
 
 MAX_PROGRAMS = 32  # H100: 32 CTAs already reach ~50 GB/s (the pinned-copy ceiling is 54.6)
+# Fixed-shape callers pass many skipped entries (index -1); past MAX_PROGRAMS * this many entries the
+# grid grows, so that no program walks a long list of mostly empty entries.
+ENTRIES_PER_PROGRAM = 8
 NUM_WARPS = 4
 
 
@@ -46,19 +50,23 @@ def _copy_pages_kernel(SRC, SRC_IDX, DST, DST_IDX, n, s_src, s_dst,
     for i in range(tl.program_id(0), n, tl.num_programs(0)):
         si = tl.load(SRC_IDX + i).to(tl.int64)
         di = tl.load(DST_IDX + i).to(tl.int64)
-        x = tl.load(SRC + si * s_src + offs, mask=mask)
-        tl.store(DST + di * s_dst + offs, x, mask=mask)
+        # -1: nothing to copy; the masked load and store move no bytes (a vector mask: the interpreter
+        # rejects a scalar one)
+        todo = mask & ((offs * 0 + si) >= 0)
+        x = tl.load(SRC + si * s_src + offs, mask=todo)
+        tl.store(DST + di * s_dst + offs, x, mask=todo)
 
 
-def _launch(src, src_idx, dst_pool, dst_idx, max_programs, num_warps):
-    dev = dst_pool.device
-    src_idx = src_idx.reshape(-1).to(dev, non_blocking=True)
-    dst_idx = dst_idx.reshape(-1).to(dev, non_blocking=True)
+def _launch(src, src_idx, dst, dst_idx, device, max_programs, num_warps):
+    """src and dst: tensors on `device`, or _HostPtr-wrapped pinned host pools."""
+    src_idx = src_idx.reshape(-1).to(device, non_blocking=True)
+    dst_idx = dst_idx.reshape(-1).to(device, non_blocking=True)
     n = src_idx.numel()
-    page = dst_pool[0].numel()
-    s_src = (src.t if isinstance(src, _HostPtr) else src).stride(0)
-    _copy_pages_kernel[(max(1, min(n, max_programs)),)](
-        src, src_idx, dst_pool, dst_idx, n, s_src, dst_pool.stride(0),
+    s_src, s_dst = (x.t if isinstance(x, _HostPtr) else x for x in (src, dst))
+    page = s_dst[0].numel()
+    programs = max(1, min(n, max(max_programs, triton.cdiv(n, ENTRIES_PER_PROGRAM))))
+    _copy_pages_kernel[(programs,)](
+        src, src_idx, dst, dst_idx, n, s_src.stride(0), s_dst.stride(0),
         PAGE=page, BLOCK=next_pow2(page), num_warps=num_warps,
     )
 
@@ -70,16 +78,19 @@ def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, *, max_programs=None, num_
     assert dst_idx.numel() == src_idx.numel(), "src_idx and dst_idx must have the same length"
     assert src_pool.shape[1:] == dst_pool.shape[1:], "pools must have the same page shape"
     knobs = (max_programs or MAX_PROGRAMS, num_warps or NUM_WARPS)
-    dev = dst_pool.device
+    src_dev, dst_dev = src_pool.device, dst_pool.device
     pages_contiguous = src_pool[0].is_contiguous() and dst_pool[0].is_contiguous()
-    if pages_contiguous and (src_pool.device == dev or interpreting()):
+    if pages_contiguous and (src_dev == dst_dev or interpreting()):
         # on-device gather (in the interpreter everything is CPU memory already)
-        _launch(src_pool, src_idx, dst_pool, dst_idx, *knobs)
-    elif pages_contiguous and src_pool.is_pinned() and src_pool.device.type == "cpu" and dev.type == "cuda":
-        _launch(_HostPtr(src_pool), src_idx, dst_pool, dst_idx, *knobs)  # zero-copy over PCIe
-    else:  # pageable host memory, another device, odd layouts: gather at the source, then one copy
-        pages = src_pool[src_idx.to(src_pool.device)]
-        dst_pool[dst_idx.to(dev)] = pages.to(dev)
+        _launch(src_pool, src_idx, dst_pool, dst_idx, dst_dev, *knobs)
+    elif pages_contiguous and src_dev.type == "cpu" and src_pool.is_pinned() and dst_dev.type == "cuda":
+        _launch(_HostPtr(src_pool), src_idx, dst_pool, dst_idx, dst_dev, *knobs)  # zero-copy read over PCIe
+    elif pages_contiguous and dst_dev.type == "cpu" and dst_pool.is_pinned() and src_dev.type == "cuda":
+        _launch(src_pool, src_idx, _HostPtr(dst_pool), dst_idx, src_dev, *knobs)  # zero-copy write over PCIe
+    else:  # pageable host memory, another device, odd layouts: the reference (gather, then one copy)
+        from flexicache_hf.ops import copy_pages_ref
+
+        copy_pages_ref(src_pool, src_idx, dst_pool, dst_idx)
 
 
 def copy_pages(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor) -> None:

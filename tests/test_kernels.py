@@ -212,3 +212,29 @@ def test_kernel_sparse_decode_attention_v_load_mask(monkeypatch):
     args = make_attention_case(torch.float16, 3, 80, 16)
     check(attention._sparse_decode_attention(*args, num_splits=2, block_t=32),
           ops.sparse_decode_attention_ref(*args), torch.float16)
+
+
+@pytest.mark.parametrize("direction", ["to_gpu", "to_host"])
+def test_kernel_copy_pages_skips_minus_one_and_writes_pinned_host(direction):
+    """Fixed-shape callers (promotion, decode offload) mark entries with nothing to copy as -1; on the GPU
+    the kernel also writes a pinned host pool in place (decode offload)."""
+    ps, D = 16, 80
+    g = torch.Generator().manual_seed(3)
+    src_idx = torch.tensor([4, -1, 0, -1, 7, 2, -1])
+    dst_idx = torch.tensor([1, 5, 3, -1, 0, 6, 2])
+    if direction == "to_gpu":
+        src, dst = torch.randn(9, ps, D, generator=g), torch.randn(8, ps, D, generator=g).to(DEV)
+        if DEV.type == "cuda":
+            src = src.pin_memory()
+    else:
+        if DEV.type != "cuda":
+            pytest.skip("a GPU -> pinned host write needs a GPU")
+        src, dst = torch.randn(9, ps, D, generator=g).to(DEV), torch.randn(8, ps, D, generator=g).pin_memory()
+    expect = dst.cpu().clone()
+    ops.copy_pages_ref(src.cpu(), src_idx, expect, dst_idx)
+    assert torch.equal(expect[[5, 2]], dst.cpu()[[5, 2]])  # the reference skipped the -1 entries
+    copy._copy_pages(src, src_idx.to(src.device if src.is_cuda else DEV), dst, dst_idx.to(src.device if src.is_cuda else DEV),
+                     max_programs=2)
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), expect)

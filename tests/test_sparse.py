@@ -55,8 +55,8 @@ def test_sparse_decode_matches_oracle():
     seen = []
     orig = FlexiCacheLayer._decode
 
-    def spy(self, query, scale):
-        out = orig(self, query, scale)
+    def spy(self, query, scale, flags):
+        out = orig(self, query, scale, flags)
         seen.append((self.layer_idx, query.clone(), out.clone(), self.length, self.kv_valid[:, : self.length].clone(), scale))
         return out
 

@@ -1,0 +1,107 @@
+"""CUDA-graph decode steps (graphs.py): a replayed step must equal the eager step exactly.
+
+On the CPU only the pass-through is checked (nothing is captured there); the GPU cases run on the GPU
+machine (`pytest tests/test_graphs.py`)."""
+
+import pytest
+import torch
+
+from conftest import Recorder, make_cache, tiny_pair
+from flexicache_hf import disable_cuda_graphs, enable_cuda_graphs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _generate(model, cache, ids, mask, new, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, return_dict_in_generate=True, output_logits=True, **kw)
+
+
+def _batch(device, lengths=(150, 121), vocab=256, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(lengths):  # left padding
+        ids[b, : T - n], mask[b, : T - n] = 0, 0
+    return ids.to(device), mask.to(device)
+
+
+def test_graphs_pass_through_off_cuda():
+    _, fc = tiny_pair("llama", 6, 2, 32, layers=2)
+    ids, mask = _batch("cpu")
+    eager = _generate(fc, make_cache(fc, topk_pages=3, page_size=8, rerank_interval=3), ids, mask, 12)
+    enable_cuda_graphs(fc)
+    try:
+        assert enable_cuda_graphs(fc) is fc  # idempotent
+        cache = make_cache(fc, topk_pages=3, page_size=8, rerank_interval=3)
+        out = _generate(fc, cache, ids, mask, 12)
+        assert cache.decode_graphs is None  # nothing captured off CUDA
+    finally:
+        disable_cuda_graphs(fc)
+    assert "forward" not in fc.__dict__
+    assert torch.equal(out.sequences, eager.sequences)
+    for a, b in zip(out.logits, eager.logits):
+        assert torch.equal(a, b)
+
+
+@cuda
+@pytest.mark.parametrize("arch,heads,kv_heads,ps,K,R", [("llama", 6, 2, 8, 3, 3), ("qwen2", 8, 1, 16, 2, 5),
+                                                        ("mistral", 12, 2, 4, 5, 1)])
+def test_graph_replay_equals_eager(arch, heads, kv_heads, ps, K, R):
+    """Sparse budget, left-padded batch, page fills, reranks and promotions inside replayed steps: the same
+    tokens and logits as the eager path, and every K/V still recoverable bit-exactly."""
+    _, fc = tiny_pair(arch, heads, kv_heads, 32, layers=3)
+    fc = fc.cuda()
+    ids, mask = _batch("cuda")
+    knobs = dict(topk_pages=K, page_size=ps, rerank_interval=R, use_kernels=True)
+    eager = _generate(fc, make_cache(fc, **knobs), ids, mask, 70)
+    enable_cuda_graphs(fc)
+    try:
+        cache = make_cache(fc, **knobs)
+        rec = Recorder(cache)
+        out = _generate(fc, cache, ids, mask, 70)
+    finally:
+        disable_cuda_graphs(fc)
+    assert cache.decode_graphs is not None and cache.decode_graphs.graphs  # steps were really replayed
+    assert torch.equal(out.sequences, eager.sequences)
+    for a, b in zip(out.logits, eager.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert rec.all_exact()
+
+
+@cuda
+def test_graph_full_budget_equals_dense():
+    ref, fc = tiny_pair("llama", 6, 2, 32, layers=2)
+    ref, fc = ref.cuda(), fc.cuda()
+    ids, mask = _batch("cuda")
+    dense = _generate(ref, None, ids, mask, 40)
+    enable_cuda_graphs(fc)
+    try:
+        cache = make_cache(fc, topk_pages=64, page_size=8, use_kernels=True)
+        out = _generate(fc, cache, ids, mask, 40)
+    finally:
+        disable_cuda_graphs(fc)
+    assert torch.equal(out.sequences, dense.sequences)
+    for a, b in zip(out.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@cuda
+def test_graphs_survive_buffer_growth():
+    """Decoding past the reserved capacity grows the buffers eagerly; stale graphs are dropped, not replayed."""
+    _, fc = tiny_pair("llama", 6, 2, 32, layers=2)
+    fc = fc.cuda()
+    ids, mask = _batch("cuda", lengths=(40, 33))
+    knobs = dict(topk_pages=2, page_size=4, rerank_interval=2, host_headroom_pages=2, use_kernels=True)
+    eager = _generate(fc, make_cache(fc, **knobs), ids, mask, 60)
+    enable_cuda_graphs(fc)
+    try:
+        cache = make_cache(fc, **knobs)
+        rec = Recorder(cache)
+        out = _generate(fc, cache, ids, mask, 60)
+    finally:
+        disable_cuda_graphs(fc)
+    assert torch.equal(out.sequences, eager.sequences)
+    assert rec.all_exact()
