@@ -1,13 +1,20 @@
 """End-to-end checks and benchmark of FlexiCache inside generate() on one GPU, in one run.
 
     python benchmarks/gpu_e2e.py [--skip-real] [--shapes 32768x1 32768x4 10240x16] [--new 64] [--layers 32]
+                                 [--throughput --budget-gib 40 --prompt 30000 --outputs 1000]
 
 1. Correctness on SmolLM2-135M-Instruct (fp32, Triton kernels): full budget -> the same greedy tokens
    as HF dense sdpa; pass-key retrieval at a small budget; no data loss (batch 2, left padding, sparse).
 2. Speed and memory on a Llama-3.1-8B-shaped bf16 model with random weights (time and bytes do not depend
    on weight values): prefill time, decode ms/token (median over steps), peak GPU memory and GPU KV bytes,
    HF dense sdpa (DynamicCache) against FlexiCache (64 pages of 16, the shipped Llama-3.1-8B profile: 25%
-   unstable heads, R = 16), measured in the same run. Prints a markdown table last.
+   unstable heads, R = 16), measured in the same run: HF dense eager, HF's offloaded DynamicCache, FlexiCache
+   eager and FlexiCache with CUDA-graph decode steps (`enable_cuda_graphs`).
+3. --throughput: a fixed GPU memory budget (weights included; enforced with
+   torch.cuda.set_per_process_memory_fraction), prompts of --prompt tokens, --outputs greedy tokens through
+   model.generate() (chunked prefill, 4096 tokens a chunk, for both): the largest batch each method fits
+   (from the measured peak at batch 1 and 2), then output tokens/s at that batch.
+Prints markdown tables last.
 """
 
 from __future__ import annotations
@@ -131,12 +138,106 @@ def _bench(model, cache_fn, ctx, batch, new) -> dict:
     }
 
 
+class _Clock:
+    """A logits processor that notes when the first token is chosen: prefill ends there."""
+
+    def __init__(self):
+        self.first = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            torch.cuda.synchronize()
+            self.first = time.perf_counter()
+        return scores
+
+
+def _generate_run(model, make_cache, batch, prompt, outputs, graphs) -> dict:
+    from transformers import LogitsProcessorList
+
+    ids = torch.randint(0, 32000, (batch, prompt), device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    clock = _Clock()
+    if graphs:
+        flexicache_hf.enable_cuda_graphs(model)
+    try:
+        _sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(),
+                                 max_new_tokens=outputs, min_new_tokens=outputs, do_sample=False,
+                                 prefill_chunk_size=4096, logits_processor=LogitsProcessorList([clock]))
+        _sync()
+        t1 = time.perf_counter()
+    finally:
+        flexicache_hf.disable_cuda_graphs(model)
+    assert out.shape == (batch, prompt + outputs)
+    return {"batch": batch, "peak": torch.cuda.max_memory_allocated(), "prefill_s": clock.first - t0,
+            "decode_s": t1 - clock.first, "total_s": t1 - t0, "tok_s": batch * outputs / (t1 - t0),
+            "decode_tok_s": batch * (outputs - 1) / (t1 - clock.first)}
+
+
+def throughput(model, budget_gib, prompt, outputs) -> list[str]:
+    """Largest batch under a GPU memory budget, then output tokens/s at that batch, dense vs FlexiCache."""
+    from transformers import DynamicCache
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = budget_gib * 2**30
+    torch.cuda.set_per_process_memory_fraction(budget / total)
+    methods = {
+        "HF dense (DynamicCache, sdpa, eager)": (lambda: DynamicCache(config=model.config), False),
+        "FlexiCache (64 pages of 16, R = 16), CUDA-graph decode": (
+            lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16), True),
+        "FlexiCache, eager decode (same batch)": (
+            lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16), False),
+    }
+    rows = []
+    try:
+        for name, (make, graphs) in methods.items():
+            if name.startswith("FlexiCache, eager"):  # same memory as with graphs: same batch
+                r = _generate_run(model, make, rows[-1][1]["batch"], prompt, outputs, graphs)
+                print(name, r, flush=True)
+                rows.append((name, r))
+                continue
+            # peak at batch 1 and 2 (a few outputs, then the growth of 1000 more tokens of KV is added)
+            p = [_generate_run(model, make, b, prompt, 8, graphs)["peak"] for b in (1, 2)]
+            per_seq = p[1] - p[0]
+            fits = max(1, int((budget * 0.92 - (p[0] - per_seq)) // (per_seq * (prompt + outputs) / (prompt + 8))))
+            print(f"{name}: peak b1 {p[0] / 2**30:.2f} GiB, b2 {p[1] / 2**30:.2f} GiB -> batch {fits}", flush=True)
+            while True:
+                try:
+                    r = _generate_run(model, make, fits, prompt, outputs, graphs)
+                    break
+                except torch.OutOfMemoryError:
+                    print(f"{name}: batch {fits} ran out of the budget; trying {fits - 1}", flush=True)
+                    fits -= 1
+                    if fits == 0:
+                        raise
+            print(name, r, flush=True)
+            rows.append((name, r))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    base = rows[0][1]["tok_s"]
+    lines = [f"\nFixed GPU memory budget {budget_gib} GiB (weights included), {prompt}-token prompts, {outputs} output tokens, "
+             "generate() with prefill_chunk_size=4096\n",
+             "| method | largest batch | peak GiB | prefill s | decode s | output tokens/s | decode tokens/s | vs dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['batch']} | {r['peak'] / 2**30:.1f} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
+                     f"{r['tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['tok_s'] / base:.2f}x |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["32768x1", "32768x4", "10240x16"], help="CTXxBATCH")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--budget-gib", type=float, default=40)
+    ap.add_argument("--prompt", type=int, default=30000)
+    ap.add_argument("--outputs", type=int, default=1000)
     args = ap.parse_args(argv)
     from flexicache_hf import kernels
 
@@ -162,20 +263,23 @@ def main(argv=None):
         # shape reuse it through torch's caching host allocator: the eager run is the first request
         eager = bench(model, make, ctx, batch, args.new)
         graphs = bench(model, make, ctx, batch, args.new, graphs=True)
-        rows.append((ctx, batch, dense, eager, graphs))
-        print(ctx, batch, dense, eager, graphs, flush=True)
+        offl = bench(model, lambda: DynamicCache(config=model.config, offloading=True), ctx, batch, args.new)
+        rows.append((ctx, batch, dense, eager, graphs, offl))
+        print(ctx, batch, dense, eager, graphs, offl, flush=True)
+    tput = throughput(model, args.budget_gib, args.prompt, args.outputs) if args.throughput else []
     print(f"\n## generate()-path decode, Llama-3.1-8B-shaped bf16 ({args.layers} layers, random weights), {torch.cuda.get_device_name()}\n")
     print("| check | result | |\n|---|---|---|")
     print("\n".join(results))
-    print("\n| ctx | batch | dense prefill s | FlexiCache prefill s: steady (first request) | dense decode ms/tok (eager) | FlexiCache eager ms/tok | FlexiCache graphs ms/tok | graphs vs dense | dense GPU KV GiB | FlexiCache GPU KV GiB | KV saved | host KV GiB | dense peak GiB | FlexiCache peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for ctx, batch, d, e, g in rows:
+    print("\n| ctx | batch | dense prefill s | FlexiCache prefill s: steady (first request) | dense decode ms/tok (eager) | HF offloaded ms/tok | FlexiCache eager ms/tok | FlexiCache graphs ms/tok | graphs vs dense | dense GPU KV GiB | FlexiCache GPU KV GiB | KV saved | host KV GiB | dense peak GiB | FlexiCache peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for ctx, batch, d, e, g, o in rows:
         print(
             f"| {ctx} | {batch} | {d['prefill_s']:.2f} | {g['prefill_s']:.2f} ({e['prefill_s']:.2f}) | {d['decode_ms']:.1f} | "
-            f"{e['decode_ms']:.1f} | {g['decode_ms']:.1f} | {d['decode_ms'] / g['decode_ms']:.2f}x | {d['gpu_kv_gib']:.2f} | "
+            f"{o['decode_ms']:.1f} | {e['decode_ms']:.1f} | {g['decode_ms']:.1f} | {d['decode_ms'] / g['decode_ms']:.2f}x | {d['gpu_kv_gib']:.2f} | "
             f"{g['gpu_kv_gib']:.2f} | {1 - g['gpu_kv_gib'] / d['gpu_kv_gib']:.0%} | {g['host_kv_gib']:.2f} | "
             f"{d['peak_gib']:.1f} | {g['peak_gib']:.1f} |"
         )
+    print("\n".join(tput))
 
 
 if __name__ == "__main__":

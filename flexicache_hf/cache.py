@@ -202,6 +202,8 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.need_select = False
         if flags.fill:
             self.meta_pages += 1
+            if self.offloaded is not None:
+                self.offloaded.host_len += 1
 
     def _fits(self, tokens: int) -> bool:
         """Whether `tokens` tokens fit without growing any buffer."""

@@ -185,7 +185,7 @@ class OffloadedHeads:
         dst = (page * (B * H) + self._rows).view(-1)  # host pool [pages, B, H]: index (page * B + b) * H + h
         for gpu, host in ((self.k, self.host_k), (self.v, self.host_v)):
             ops.copy_pages(gpu.view(-1, ps, D), src, host.view(-1, ps, D), dst)
-        self.host_len += 1
+        # host_len advances in the layer's advance_decode (a replayed graph runs none of this Python)
 
     def wait_offloads(self, host_reader: bool) -> None:
         """Order a read of the host pool after the writes in flight.
