@@ -108,6 +108,7 @@ class _CacheGraphs:
         self.seen: set = set()
         self.buffers = None
         self.pool = torch.cuda.graph_pool_handle()
+        self.captures = self.replays = 0  # counts, for tests and benchmarks
 
     def step(self, forward, cache: FlexiCache, state, call, inputs):
         if state.buffers != self.buffers:  # some buffer was replaced: every graph reads stale addresses
@@ -127,6 +128,7 @@ class _CacheGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = forward(**static)
             self.graphs[key] = (graph, static, out)
+            self.captures += 1
             graph.replay()
         else:
             graph, static, out = entry
@@ -134,6 +136,7 @@ class _CacheGraphs:
                 if isinstance(v, torch.Tensor):
                     static[k].copy_(v)
             graph.replay()
+            self.replays += 1
             for layer, flags in zip(cache.layers, state.flags):
                 layer.advance_decode(flags)
         # the next replay overwrites the graph's outputs: hand out a copy of the logits
