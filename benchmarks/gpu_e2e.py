@@ -231,7 +231,7 @@ def throughput(model, budget_gib, prompt, outputs) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-real", action="store_true")
-    ap.add_argument("--shapes", nargs="+", default=["32768x1", "32768x4", "10240x16"], help="CTXxBATCH")
+    ap.add_argument("--shapes", nargs="*", default=["32768x1", "32768x4", "10240x16"], help="CTXxBATCH")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--throughput", action="store_true")
