@@ -184,21 +184,15 @@ def throughput(model, budget_gib, prompt, outputs) -> list[str]:
     total = torch.cuda.get_device_properties(0).total_memory
     budget = budget_gib * 2**30
     torch.cuda.set_per_process_memory_fraction(budget / total)
+    flexi = lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16,  # noqa: E731
+                               max_cache_len=prompt + outputs)
     methods = {
         "HF dense (DynamicCache, sdpa, eager)": (lambda: DynamicCache(config=model.config), False),
-        "FlexiCache (64 pages of 16, R = 16), CUDA-graph decode": (
-            lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16), True),
-        "FlexiCache, eager decode (same batch)": (
-            lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16), False),
+        "FlexiCache (64 pages of 16, R = 16, max_cache_len set), CUDA-graph decode": (flexi, True),
     }
     rows = []
     try:
         for name, (make, graphs) in methods.items():
-            if name.startswith("FlexiCache, eager"):  # same memory as with graphs: same batch
-                r = _generate_run(model, make, rows[-1][1]["batch"], prompt, outputs, graphs)
-                print(name, r, flush=True)
-                rows.append((name, r))
-                continue
             # peak at batch 1 and 2 (a few outputs, then the growth of 1000 more tokens of KV is added)
             p = [_generate_run(model, make, b, prompt, 8, graphs)["peak"] for b in (1, 2)]
             per_seq = p[1] - p[0]

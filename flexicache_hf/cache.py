@@ -79,7 +79,10 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.batch, self.head_dim = B, D
         self.dtype, self.device = key_states.dtype, key_states.device
         ps, cfg = self.cfg.page_size, self.cfg
-        pages = math.ceil(max(T, 1) / ps) + cfg.host_headroom_pages
+        if cfg.max_cache_len is not None and cfg.max_cache_len >= T:
+            pages = math.ceil(cfg.max_cache_len / ps)
+        else:
+            pages = math.ceil(max(T, 1) / ps) + cfg.host_headroom_pages
         self.dense = self.offloaded = None
         if self.unstable:
             self.dense = DenseHeads(B, len(self.unstable), D, ps, pages, self.dtype, self.device)
@@ -264,13 +267,30 @@ class FlexiCacheLayer(CacheLayerMixin):
             return self._decode(query, scaling if scaling is not None else module.scaling, flags), None
         self._record_validity(attention_mask, start, n)
         # multi-token forward: dense attention over the whole context, exactly as HF's sdpa
-        if start == 0:
-            keys, values = key_states, value_states
-        else:
-            keys, values = self._assemble(stable_chunk)
-        self._write_metadata(keys, 0)
         self.need_select, self.decode_steps = True, 0
-        return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        sdpa = lambda q, k, v: sdpa_attention_forward(  # noqa: E731
+            module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        if start == 0:  # the new keys are the whole context
+            self._write_metadata(0, merged=key_states)
+            return sdpa(query, key_states, value_states)
+        # later chunks (chunked prefill, multi-turn, verification): each head group attends to its own
+        # context, so the whole layer's K/V is never copied into one tensor (that copy set the peak memory)
+        parts = []
+        if self.dense is not None:
+            parts.append((self.dense, self.u_idx, *self.dense.read(self.length)))
+        if self.offloaded is not None:
+            parts.append((self.offloaded, self.s_idx, *self._stable_context(stable_chunk)))
+        self._write_metadata(0, by_group=[(group, k) for group, _, k, _ in parts])
+        if len(parts) == 1:
+            return sdpa(query, *parts[0][2:])
+        B, Hq, T, D = query.shape
+        G = Hq // self.num_kv_heads
+        out = query.new_empty(B, T, Hq, D)
+        for _, heads, k, v in parts:
+            q_heads = (heads.view(-1, 1) * G + torch.arange(G, device=heads.device)).view(-1)
+            out[:, :, q_heads] = sdpa(query.index_select(1, q_heads), k, v)[0]
+        return out, None
 
     def _record_validity(self, mask, start, n):
         if mask is None:
@@ -282,16 +302,21 @@ class FlexiCacheLayer(CacheLayerMixin):
             row = row == 0  # additive float mask: 0 attends, -inf / dtype-min does not
         self.kv_valid[:, start : start + n] = row.expand(self.batch, -1)
 
-    def _write_metadata(self, keys: torch.Tensor, first_token: int) -> None:
-        """MinMax metadata for the pages that filled since the last call; `keys` [B, H, T, D] start at first_token."""
+    def _write_metadata(self, first_token: int, merged=None, by_group=None) -> None:
+        """MinMax metadata for the pages that filled since the last call, from keys that start at
+        `first_token`: `merged` [B, H, T, D] for every head, or `by_group` [(group, keys of its heads)]."""
         ps = self.cfg.page_size
         p0, p1 = self.meta_pages, self.length // ps
         if p1 <= p0:
             return
         lo, hi = p0 * ps - first_token, p1 * ps - first_token
         valid = self.kv_valid[:, p0 * ps : p1 * ps]
-        kmin, kmax = ops.page_minmax(keys[:, :, lo:hi], valid, ps, self.cfg.use_kernels)
-        for group, mn, mx in zip((self.dense, self.offloaded), self._split(kmin), self._split(kmax)):
+        if merged is not None:
+            kmin, kmax = ops.page_minmax(merged[:, :, lo:hi], valid, ps, self.cfg.use_kernels)
+            pieces = zip((self.dense, self.offloaded), self._split(kmin), self._split(kmax))
+        else:
+            pieces = [(g, *ops.page_minmax(k[:, :, lo:hi], valid, ps, self.cfg.use_kernels)) for g, k in by_group]
+        for group, mn, mx in pieces:
             if group is not None:
                 group.kmin[:, :, p0:p1] = mn
                 group.kmax[:, :, p0:p1] = mx
@@ -346,27 +371,34 @@ class FlexiCacheLayer(CacheLayerMixin):
         return out.view(B, Hg, G, D)
 
     # ---- whole-context views -------------------------------------------------------------------
-    def _assemble(self, stable_chunk=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every K/V of this layer, [B, H, length, D], from the GPU buffer, the host pool and the slots."""
-        L, ps = self.length, self.cfg.page_size
         k_u = v_u = k_s = v_s = None
         if self.dense is not None:
-            k_u, v_u = self.dense.read(L)
+            k_u, v_u = self.dense.read(self.length)
         if self.offloaded is not None:
-            off = self.offloaded
-            if stable_chunk is not None:  # a multi-token update kept its chunk: host pages before it + chunk
-                first, ck, cv = stable_chunk
-                parts = [off.host_pages(0, first // ps)] if first else []
-                parts.append((ck.unsqueeze(2), cv.unsqueeze(2)))
-            else:
-                parts = [off.host_pages(0, off.host_len)]
-                if L % ps:
-                    ck, cv = off.current_page()
-                    parts.append((ck[:, :, :, : L % ps], cv[:, :, :, : L % ps]))
-            B, H, _, D = self.batch, len(self.stable), None, self.head_dim
-            k_s = torch.cat([p[0].reshape(B, H, -1, D) for p in parts], dim=2)
-            v_s = torch.cat([p[1].reshape(B, H, -1, D) for p in parts], dim=2)
+            k_s, v_s = self._stable_context()
         return self._merge(k_u, k_s), self._merge(v_u, v_s)
+
+    def _stable_context(self, stable_chunk=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every K/V of the stable heads, [B, Hs, length, D]: host pages, then the newest tokens (the chunk a
+        multi-token update kept, or the partial current page), each copied once into the result."""
+        L, ps, off = self.length, self.cfg.page_size, self.offloaded
+        if stable_chunk is not None:
+            first, tail_k, tail_v = stable_chunk
+        else:
+            first = off.host_len * ps
+            ck, cv = off.current_page()
+            tail_k, tail_v = ck[:, :, 0, : L - first], cv[:, :, 0, : L - first]
+        B, H, D = self.batch, len(self.stable), self.head_dim
+        k = torch.empty(B, H, L, D, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        if first:
+            for dst, src in zip((k, v), off.host_pages(0, first // ps)):
+                dst[:, :, :first].view(B, H, first // ps, ps, D).copy_(src)
+        k[:, :, first:] = tail_k
+        v[:, :, first:] = tail_v
+        return k, v
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -407,7 +439,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.update(keys, values)
         self.kv_valid[:, : keys.shape[2]] = valid
         self.pending = None
-        self._write_metadata(keys, 0)
+        self._write_metadata(0, merged=keys)
         self.need_select, self.decode_steps = True, 0
 
     def repartition(self, unstable_heads: list[int]) -> None:

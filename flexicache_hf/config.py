@@ -14,8 +14,12 @@ class FlexiCacheConfig:
         page_size: tokens per page; a positive power of two.
         topk_pages: pages each head attends to at decode (besides the current page and the tail).
         rerank_interval: stable heads re-select their pages every this many decode steps.
-        host_headroom_pages: extra pages reserved in the pinned host pool beyond the prompt, so that
-            decoding grows the pool rarely (it still grows on demand; nothing is dropped).
+        host_headroom_pages: extra pages reserved (GPU buffers and pinned host pool) beyond the first
+            forward's tokens, so that decoding grows them rarely (they still grow on demand, by doubling;
+            nothing is dropped).
+        max_cache_len: the most tokens a sequence will hold (prompt + new tokens), if known: the buffers and
+            the pinned host pool are then sized once, at the first forward. With chunked prefill this avoids
+            growing (and re-pinning) them chunk after chunk. None: first forward + host_headroom_pages.
         calibration_steps: with profile="auto", decode steps during which every head is unstable while
             its page selections are recorded, before the split is decided (two 16-step chunks by default).
         auto_unstable: with profile="auto", the fraction (or count) of KV heads kept unstable.
@@ -27,6 +31,7 @@ class FlexiCacheConfig:
     topk_pages: int = 64
     rerank_interval: int = 16
     host_headroom_pages: int = 128
+    max_cache_len: int | None = None
     calibration_steps: int = 32
     auto_unstable: float = 0.25
     use_kernels: bool | str = "auto"
@@ -47,6 +52,9 @@ class FlexiCacheConfig:
             bad("rerank_interval", self.rerank_interval, "it must be >= 1 (1 re-ranks stable heads every step)")
         if self.host_headroom_pages < 0:
             bad("host_headroom_pages", self.host_headroom_pages, "it must be >= 0")
+        if self.max_cache_len is not None and (isinstance(self.max_cache_len, bool) or not isinstance(self.max_cache_len, int)
+                                               or self.max_cache_len < 1):
+            bad("max_cache_len", self.max_cache_len, "give the prompt + new tokens per sequence (an int >= 1), or None")
         if self.calibration_steps < 16:
             bad("calibration_steps", self.calibration_steps, "it must be >= 16 (stability is measured over 16-step chunks), e.g. 32")
         if isinstance(self.auto_unstable, bool) or not (0 < self.auto_unstable <= 1 or float(self.auto_unstable).is_integer()):

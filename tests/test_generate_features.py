@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from conftest import make_cache, tiny_pair
+from conftest import Recorder, make_cache, tiny_pair
 
 F64 = dict(dtype=torch.float64)
 
@@ -87,6 +87,21 @@ def test_chunked_prefill_matches_dense_forward():
         expect = ref(ids).logits
         got = [fc(ids[:, i : i + 23], past_key_values=cache, use_cache=True).logits for i in range(0, 90, 23)]
     torch.testing.assert_close(torch.cat(got, 1), expect, atol=1e-10, rtol=0)
+
+
+def test_chunked_prefill_generate_with_max_cache_len_never_grows():
+    """generate(prefill_chunk_size=...) at a sparse budget, buffers sized once by max_cache_len: the same tokens
+    as without chunking, every K/V exact, and no buffer was ever replaced."""
+    _, fc = tiny_pair(**F64)
+    ids = _ids(2, 97, 18)
+    knobs = dict(topk_pages=3, page_size=8, rerank_interval=4)
+    whole = fc.generate(ids, max_new_tokens=25, do_sample=False, past_key_values=make_cache(fc, **knobs))
+    cache = make_cache(fc, max_cache_len=97 + 25, **knobs)
+    rec = Recorder(cache)
+    chunked = fc.generate(ids, max_new_tokens=25, do_sample=False, past_key_values=cache, prefill_chunk_size=20)
+    assert torch.equal(chunked, whole)
+    assert rec.all_exact()
+    assert all(layer.version == 1 for layer in cache.layers)
 
 
 def test_crop_keeps_prefix_bit_exact():
