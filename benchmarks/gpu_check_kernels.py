@@ -347,9 +347,17 @@ def bench_copy():
     torch.cuda.synchronize()
     ok = expect("copy_pages (exact)", dst[dst_idx_d], host[src_idx].cuda(), exact=True)
     for cap in (8, 16, 32, 64, 132, 264):
-        t = ms(lambda: KC._copy_pages(host, src_idx_d, dst, dst_idx_d, max_programs=cap))
-        res[f"kernel cap={cap}"] = t
+        t = ms(lambda: KC._copy_pages(host, src_idx_d, dst, dst_idx_d, max_programs=cap, per_program=n))
+        res[f"kernel, grid {cap}"] = t
     res["kernel default (CPU idx)"] = ms(lambda: K.copy_pages(host, src_idx, dst, dst_idx))
+    # the fixed-shape promotion of a graph-captured step: 4 entries per page, 3 of them skipped (-1)
+    sparse_src = torch.full((4 * n,), -1, dtype=torch.long, device="cuda")
+    sparse_dst = torch.full((4 * n,), -1, dtype=torch.long, device="cuda")
+    where = torch.randperm(4 * n, device="cuda")[:n]
+    sparse_src[where], sparse_dst[where] = src_idx_d, dst_idx_d
+    res["kernel default, 3 of 4 entries -1"] = ms(lambda: K.copy_pages(host, sparse_src, dst, sparse_dst))
+    # decode offload: GPU pages -> pinned host, zero-copy writes
+    res["kernel default, GPU -> pinned host"] = ms(lambda: K.copy_pages(dst, dst_idx_d, host, src_idx_d))
     res["reference gather+copy"] = ms(lambda: ops.copy_pages_ref(host, src_idx, dst, dst_idx_d))
     res["contiguous pinned copy"] = ms(lambda: dst[:n].copy_(host[:n], non_blocking=True))
     for k_, t in res.items():
@@ -368,11 +376,17 @@ def device_bw():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-tests", action="store_true")
+    ap.add_argument("--only-copy", action="store_true", help="only the promotion / offload bandwidth")
     ap.add_argument("--sweep", action="store_true", help="re-tune the attention launch shape first")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
     print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}")
+    if args.only_copy:
+        ok, gbps = bench_copy()
+        print("\n| path | GB/s |\n|---|---|")
+        print("\n".join(f"| {k_} | {v_:.1f} |" for k_, v_ in gbps.items()))
+        return
     tests_ok = True if args.no_tests else run_tests()
     bw = device_bw()
     print(f"device copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")

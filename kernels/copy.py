@@ -57,27 +57,27 @@ def _copy_pages_kernel(SRC, SRC_IDX, DST, DST_IDX, n, s_src, s_dst,
         tl.store(DST + di * s_dst + offs, x, mask=todo)
 
 
-def _launch(src, src_idx, dst, dst_idx, device, max_programs, num_warps):
+def _launch(src, src_idx, dst, dst_idx, device, max_programs, num_warps, per_program):
     """src and dst: tensors on `device`, or _HostPtr-wrapped pinned host pools."""
     src_idx = src_idx.reshape(-1).to(device, non_blocking=True)
     dst_idx = dst_idx.reshape(-1).to(device, non_blocking=True)
     n = src_idx.numel()
     s_src, s_dst = (x.t if isinstance(x, _HostPtr) else x for x in (src, dst))
     page = s_dst[0].numel()
-    programs = max(1, min(n, max(max_programs, triton.cdiv(n, ENTRIES_PER_PROGRAM))))
+    programs = max(1, min(n, max(max_programs, triton.cdiv(n, per_program))))
     _copy_pages_kernel[(programs,)](
         src, src_idx, dst, dst_idx, n, s_src.stride(0), s_dst.stride(0),
         PAGE=page, BLOCK=next_pow2(page), num_warps=num_warps,
     )
 
 
-def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, *, max_programs=None, num_warps=None):
-    """copy_pages with the grid cap exposed (the benchmark sweeps it)."""
+def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, *, max_programs=None, num_warps=None, per_program=None):
+    """copy_pages with the launch knobs exposed (the benchmark sweeps them)."""
     if src_idx.numel() == 0:
         return
     assert dst_idx.numel() == src_idx.numel(), "src_idx and dst_idx must have the same length"
     assert src_pool.shape[1:] == dst_pool.shape[1:], "pools must have the same page shape"
-    knobs = (max_programs or MAX_PROGRAMS, num_warps or NUM_WARPS)
+    knobs = (max_programs or MAX_PROGRAMS, num_warps or NUM_WARPS, per_program or ENTRIES_PER_PROGRAM)
     src_dev, dst_dev = src_pool.device, dst_pool.device
     pages_contiguous = src_pool[0].is_contiguous() and dst_pool[0].is_contiguous()
     if pages_contiguous and (src_dev == dst_dev or interpreting()):
