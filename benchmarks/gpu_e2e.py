@@ -229,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--sweep", nargs="*", type=int, default=[], help="contexts for a batch-1 sweep (dense vs graphs)")
+    ap.add_argument("--json", help="write the sweep here (benchmarks/plot_e2e.py draws it)")
     ap.add_argument("--budget-gib", type=float, default=40)
     ap.add_argument("--prompt", type=int, default=30000)
     ap.add_argument("--outputs", type=int, default=1000)
@@ -248,6 +250,20 @@ def main(argv=None):
 
     model = llama8b(args.layers)
     rows = []
+    sweep = []
+    if args.sweep:  # batch 1 across contexts: dense eager against FlexiCache with CUDA-graph decode
+        bench(model, lambda: DynamicCache(config=model.config), 2048, 1, 4)  # warm-up: the first run is cold
+        for ctx in args.sweep:
+            d = bench(model, lambda: DynamicCache(config=model.config), ctx, 1, args.new)
+            g = bench(model, lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16), ctx, 1,
+                      args.new, graphs=True)
+            sweep.append({"ctx": ctx, "dense": d, "flexicache_graphs": g})
+            print(sweep[-1], flush=True)
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "sweep": sweep}, f, indent=1)
     for shape in args.shapes:
         ctx, batch = (int(x) for x in shape.split("x"))
         bench(model, lambda: DynamicCache(config=model.config), ctx, batch, 4)  # warm-up: the first run is cold
@@ -274,6 +290,14 @@ def main(argv=None):
             f"{d['peak_gib']:.1f} | {g['peak_gib']:.1f} |"
         )
     print("\n".join(tput))
+    if sweep:
+        print("\n| ctx (batch 1) | dense decode ms/tok (eager) | FlexiCache graphs ms/tok | speedup | dense GPU KV GiB | "
+              "FlexiCache GPU KV GiB | KV saved | dense prefill s | FlexiCache prefill s |\n|---|---|---|---|---|---|---|---|---|")
+        for r in sweep:
+            d, g = r["dense"], r["flexicache_graphs"]
+            print(f"| {r['ctx']} | {d['decode_ms']:.1f} | {g['decode_ms']:.1f} | {d['decode_ms'] / g['decode_ms']:.2f}x | "
+                  f"{d['gpu_kv_gib']:.2f} | {g['gpu_kv_gib']:.2f} | {1 - g['gpu_kv_gib'] / d['gpu_kv_gib']:.0%} | "
+                  f"{d['prefill_s']:.2f} | {g['prefill_s']:.2f} |")
 
 
 if __name__ == "__main__":
