@@ -8,7 +8,8 @@
 3. per (context, batch), Llama-3.1-8B shapes (32 q heads, 8 KV heads, D=128, bf16), budget 64 pages
    of 16: every kernel vs its reference (rel err <= 1e-2, no NaN, outputs pre-filled with NaN), then
    one layer's decode attention:
-     sparse = unstable 25% of KV heads: page_scores + topk + attend over 64 pages + the current one
+     sparse = unstable 25% of KV heads: select_pages (masked scores + top-k kernel) + attend over 64
+            pages + the current one
             + stable 75%: attend over 66 resident slots
      dense  = sdpa over the full KV (the faster of enable_gqa and "group as queries"),
    timed eagerly (do_bench, L2 flushed, medians) and as CUDA graph replays (launch overhead gone);
@@ -116,13 +117,16 @@ class Layer:
         self.keys_full = keys  # strided view of the pool: the full pages of the unstable heads
         kmin, kmax = K.page_minmax(keys, self.valid[:, : self.Pf * PS], PS)
         self.kmin, self.kmax = kmin.view(self.Nu, self.Pf, D), kmax.view(self.Nu, self.Pf, D)
+        self.page_valid = self.valid[:, : self.Pf * PS].view(B, self.Pf, PS).any(-1)
+        self.current = torch.tensor([self.P - 1], device=dev)
 
     # one layer, sparse
     def select(self):
-        s = K.page_scores(self.q_u, self.kmin, self.kmax)
-        top = torch.topk(s, BUDGET, dim=1, sorted=False).indices
+        """What FlexiCacheLayer._decode does for the unstable heads: masked scores + top-k in one kernel
+        each (select_pages), then the current page appended and pool slots made."""
+        top = K.select_pages(self.q_u, self.kmin, self.kmax, self.page_valid, self.current, BUDGET)
         pids = torch.cat([top, self.cur], 1)
-        return pids + self.base_u, pids
+        return torch.where(pids >= 0, pids + self.base_u, -1), pids
 
     def attend_unstable(self, slots, pids, fn=None):
         return (fn or K.sparse_decode_attention)(self.q_u, self.k_u, self.v_u, slots, pids, self.valid, self.scale)
@@ -169,6 +173,11 @@ def check_layer(L: Layer):
         del rmin, rmax
         s = K.page_scores(L.q_u, L.kmin, L.kmax)
         ok &= expect("page_scores", s, ops.page_scores_ref(L.q_u, L.kmin, L.kmax))
+        masked = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
+        sel = K.select_pages(L.q_u, L.kmin, L.kmax, L.page_valid, L.current, BUDGET)
+        same = torch.equal(sel, ops.topk_pages_ref(masked, BUDGET))
+        print(f"  check {'select_pages (exact ids)':<28} {'ok' if same else 'FAIL'}")
+        ok &= same
         torch.cuda.empty_cache()
         slots, pids = L.select()
         ok &= expect("attend unstable (65 pages)", L.attend_unstable(slots, pids),

@@ -347,20 +347,16 @@ class FlexiCacheLayer(CacheLayerMixin):
         return out
 
     def _select(self, q: torch.Tensor, group, current: torch.Tensor) -> torch.Tensor:
-        """Top-K pages among the valid full pages before `current`, per row of `group`: [B, Hg, K] ids, -1 = none.
-
-        Scores cover the whole metadata capacity (fixed shape) and non-candidates are masked out; when
-        there are at most K candidates every one of them is selected."""
+        """Top-K pages among the valid full pages before `current`, per row of `group`: [B, Hg, K] ids in
+        ascending order, then -1 (ops.select_pages_ref). Scores cover the whole metadata capacity (a fixed
+        shape) with the non-candidates masked; with at most K candidates every one is selected."""
         B, Hg, G, D = q.shape
         cap = group.kmin.shape[2]
-        scores = ops.page_scores(
-            q.reshape(B * Hg, G, D), group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D), self.cfg.use_kernels
-        ).view(B, Hg, cap)
-        candidate = self.page_valid[:, None, :cap] & (torch.arange(cap, device=q.device) < current)
-        scores = scores.masked_fill(~candidate, ops.NEG_INF)  # all-padding pages are never selected
-        top, ids = scores.topk(min(self.cfg.topk_pages, cap), dim=-1, sorted=False)
-        # ascending page order: attention then sums pages in context order whatever topk returned
-        return torch.where(top > ops.NEG_INF, ids, -1).sort(dim=-1).values
+        ids = ops.select_pages(
+            q.reshape(B * Hg, G, D), group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D),
+            self.page_valid, current, self.cfg.topk_pages, self.cfg.use_kernels,
+        )
+        return ids.view(B, Hg, -1)
 
     def _attend_pages(self, q, k_pool, v_pool, slots, page_ids, scale):
         B, Hg, G, D = q.shape

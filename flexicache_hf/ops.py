@@ -52,6 +52,31 @@ def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> 
     return per_q.amax(dim=1)
 
 
+def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest finite scores of each row (ties: the lower page), as page ids in ascending order,
+    then -1 where fewer than k scores are finite. scores [N, P] fp32, k <= P -> [N, k] int64."""
+    N, P = scores.shape
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    ids = torch.where(scores.gather(-1, order) > NEG_INF, order, P)  # P sorts after every page id
+    ids = ids.sort(dim=-1).values
+    return torch.where(ids < P, ids, -1)
+
+
+def select_pages_ref(q, kmin, kmax, page_valid, current, k: int) -> torch.Tensor:
+    """Decode-time page selection of one head group: the top-k candidate pages per row.
+
+    q [N, G, D]; kmin, kmax [N, P, D]; page_valid [B, >=P] bool (row n belongs to batch n // (N // B));
+    current: a device tensor [1], the page holding the newest token. Candidates are the valid pages
+    before `current`; their MinMax scores (page_scores_ref) rank them. Returns [N, min(k, P)] int64:
+    topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates, all of them).
+    """
+    N, P = kmin.shape[:2]
+    scores = page_scores_ref(q, kmin, kmax)
+    batch = torch.arange(N, device=q.device) // (N // page_valid.shape[0])
+    cand = page_valid[batch, :P] & (torch.arange(P, device=q.device) < current)
+    return topk_pages_ref(scores.masked_fill(~cand, NEG_INF), min(k, P))
+
+
 def sparse_decode_attention_ref(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -144,6 +169,10 @@ def page_minmax(keys, valid, page_size, use_kernels="auto"):
 
 def page_scores(q, kmin, kmax, use_kernels="auto"):
     return _run("page_scores", page_scores_ref, q, use_kernels, q, kmin, kmax)
+
+
+def select_pages(q, kmin, kmax, page_valid, current, k, use_kernels="auto"):
+    return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k)
 
 
 def sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale, use_kernels="auto"):

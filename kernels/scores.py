@@ -19,8 +19,8 @@ BLOCK_P = 16
 
 @triton.jit
 def _page_scores_kernel(
-    Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp,
-    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, VALID, CURRENT, s_vb, rows_per_batch,
+    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr,
 ):
     n = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -37,11 +37,18 @@ def _page_scores_kernel(
     for g in tl.static_range(G):  # G is small (1..8 in practice): unrolled
         qg = tl.load(Q + n * s_qn + g * s_qg + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         best = tl.maximum(best, tl.sum(tl.maximum(qg * kmax, qg * kmin), 1))
+    if MASKED:  # candidates: valid pages before the current one (select_pages)
+        ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
+        ok = ok & (offs_p < tl.load(CURRENT))
+        best = tl.where(ok, best, float("-inf"))
     tl.store(OUT + n.to(tl.int64) * P + offs_p, best, mask=mask_p)
 
 
-def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32 (see ops.page_scores_ref)."""
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid=None, current=None) -> torch.Tensor:
+    """q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32 (see ops.page_scores_ref).
+
+    With page_valid [B, >=P] bool and current (a device tensor [1]): -inf wherever a page is not a
+    candidate (invalid, or not before `current`), as ops.select_pages_ref masks."""
     N, G, D = q.shape
     P = kmin.shape[1]
     out = new_output((N, P), q.device, torch.float32)
@@ -51,9 +58,18 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
         return out.fill_(float("-inf"))  # amax over an empty group (the reference raises instead)
     # Unit stride along D lets the loads vectorise; anything else is copied once.
     q, kmin, kmax = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kmin, kmax))
+    masked = page_valid is not None
+    if masked:
+        if page_valid.dtype == torch.bool:
+            page_valid = page_valid.view(torch.uint8)
+        if page_valid.stride(-1) != 1:
+            page_valid = page_valid.contiguous()
+        args = (page_valid, current, page_valid.stride(0), N // page_valid.shape[0])
+    else:
+        args = (out, out, 0, 1)  # unused (MASKED=False)
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
-        kmax.stride(0), kmax.stride(1), G=G, D=D, D_PAD=max(16, next_pow2(D)), BLOCK_P=BLOCK_P,
-        num_warps=4,
+        kmax.stride(0), kmax.stride(1), *args, G=G, D=D, D_PAD=max(16, next_pow2(D)), BLOCK_P=BLOCK_P,
+        MASKED=masked, num_warps=4,
     )
     return out

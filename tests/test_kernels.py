@@ -16,7 +16,7 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
 
 from flexicache_hf import ops  # noqa: E402
-from flexicache_hf.kernels import _util, attention, copy, minmax, scores  # noqa: E402
+from flexicache_hf.kernels import _util, attention, copy, minmax, scores, select  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -238,3 +238,46 @@ def test_kernel_copy_pages_skips_minus_one_and_writes_pinned_host(direction):
     if DEV.type == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(dst.cpu(), expect)
+
+
+# ------------------------------------------------------------------------------------------------
+# select_pages (masked scores + top-k in one program per row)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("P,k", [(37, 5), (16, 16), (100, 64), (9, 4), (300, 7)])
+def test_kernel_topk_pages(P, k):
+    """Exactly the reference's ids: ties to the lower page, ascending order, -1 padding, rows with fewer
+    finite scores than k, rows with none."""
+    N = 6
+    s = torch.randn(N, P, device=DEV)
+    s[0, ::3] = float("-inf")  # non-candidates
+    s[1] = float("-inf")  # nothing to select
+    s[2, : min(P, 3)] = 1.5  # ties
+    s[2, P // 2] = 1.5
+    s[3, 2:] = float("-inf")  # fewer candidates than k
+    s[4] = torch.round(s[4] * 2) / 2  # many ties
+    got = select.topk_pages(s, k)
+    assert torch.equal(got, ops.topk_pages_ref(s, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 7])
+def test_kernel_select_pages(dtype, G):
+    """Masked scores equal the reference's masking; the selection equals topk_pages_ref of the kernel's own
+    scores (fp32 sums may reorder near-ties against the reference, so ids are compared on one score set)."""
+    B, H, P, D, k = 3, 2, 45, 80, 6
+    N = B * H
+    q = torch.randn(N, G, D, device=DEV).to(dtype)
+    a, b = torch.randn(2, N, P, D, device=DEV).to(dtype)
+    kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
+    page_valid = torch.rand(B, P + 5, device=DEV) > 0.2
+    page_valid[1, :20] = False  # a left-padded row
+    current = torch.tensor([31], device=DEV)
+    masked = scores.page_scores(q, kmin, kmax, page_valid, current)
+    ref = ops.page_scores_ref(q, kmin, kmax)
+    cand = page_valid.repeat_interleave(H, 0)[:, :P] & (torch.arange(P, device=DEV) < 31)
+    assert torch.equal(masked.isinf(), ~cand)
+    torch.testing.assert_close(masked[cand], ref[cand], rtol=1e-5, atol=1e-4)
+    got = select.select_pages(q, kmin, kmax, page_valid, current, k)
+    assert torch.equal(got, ops.topk_pages_ref(masked, k))
+    assert torch.equal(got, ops.select_pages_ref(q.double(), kmin.double(), kmax.double(), page_valid, current, k)) \
+        or dtype == torch.bfloat16  # fp64 reference scores: the same ranking unless near-ties (checked in fp32)

@@ -25,7 +25,9 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
             else:
                 s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current])
                 s = s.masked_fill(~page_ok[:, :current], float("-inf"))
-                top, idx = s.topk(K, dim=-1)
+                # ties go to the lower page (a padding token's zero query scores every page 0)
+                idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :K]
+                top = s.gather(-1, idx)
                 sel = torch.zeros(B, current, dtype=torch.bool)
                 sel.scatter_(1, idx, top > float("-inf"))
             if not unstable:
