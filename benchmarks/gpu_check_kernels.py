@@ -476,8 +476,8 @@ def main():
     if not copy_bw:
         return
     kern = max(v_ for k_, v_ in copy_bw.items() if k_.startswith("kernel"))
-    dflt = copy_bw[f"kernel cap={KC.MAX_PROGRAMS}"]
-    print(f"- scattered promotion >= 30 GB/s: default cap {dflt:.1f} GB/s, best cap {kern:.1f} GB/s "
+    dflt = copy_bw["kernel default (CPU idx)"]
+    print(f"- scattered promotion >= 30 GB/s: default grid {dflt:.1f} GB/s, best grid {kern:.1f} GB/s "
           f"-> {'MET' if dflt >= 30 else 'MISSED'}")
 
 

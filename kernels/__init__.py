@@ -24,7 +24,6 @@ if AVAILABLE:
     from .copy import copy_pages
     from .minmax import page_minmax
     from .scores import page_scores
-    from .select import select_pages, topk_pages
+    from .select import select_pages
 
-__all__ = ["AVAILABLE", "page_minmax", "page_scores", "select_pages", "topk_pages", "sparse_decode_attention",
-           "copy_pages"]
+__all__ = ["AVAILABLE", "page_minmax", "page_scores", "select_pages", "sparse_decode_attention", "copy_pages"]
