@@ -18,6 +18,16 @@ def _generate(model, cache, ids, mask, new, **kw):
                               do_sample=False, return_dict_in_generate=True, output_logits=True, **kw)
 
 
+def _with_graphs(model, knobs, ids, mask, new):
+    """(output, cache) of a generate() with CUDA-graph decode steps and a fresh cache."""
+    enable_cuda_graphs(model)
+    try:
+        cache = make_cache(model, **knobs)
+        return _generate(model, cache, ids, mask, new), cache
+    finally:
+        disable_cuda_graphs(model)
+
+
 def _batch(device, lengths=(150, 121), vocab=256, seed=7):
     g = torch.Generator().manual_seed(seed)
     T = max(lengths)
@@ -60,12 +70,7 @@ def test_graph_replay_equals_eager(arch, heads, kv_heads, ps, K, R):
     rec = Recorder(eager_cache)
     eager = _generate(fc, eager_cache, ids, mask, 70)
     assert rec.all_exact()
-    enable_cuda_graphs(fc)
-    try:
-        cache = make_cache(fc, **knobs)
-        out = _generate(fc, cache, ids, mask, 70)
-    finally:
-        disable_cuda_graphs(fc)
+    out, cache = _with_graphs(fc, knobs, ids, mask, 70)
     assert cache.decode_graphs is not None and cache.decode_graphs.replays > 40  # steps were really replayed
     assert torch.equal(out.sequences, eager.sequences)
     for a, b in zip(out.logits, eager.logits):
@@ -85,12 +90,7 @@ def test_graph_full_budget_equals_dense():
     ref, fc = ref.cuda(), fc.cuda()
     ids, mask = _batch("cuda")
     dense = _generate(ref, None, ids, mask, 40)
-    enable_cuda_graphs(fc)
-    try:
-        cache = make_cache(fc, topk_pages=64, page_size=8, use_kernels=True)
-        out = _generate(fc, cache, ids, mask, 40)
-    finally:
-        disable_cuda_graphs(fc)
+    out, _ = _with_graphs(fc, dict(topk_pages=64, page_size=8, use_kernels=True), ids, mask, 40)
     assert torch.equal(out.sequences, dense.sequences)
     for a, b in zip(out.logits, dense.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -105,12 +105,7 @@ def test_graphs_survive_buffer_growth():
     knobs = dict(topk_pages=2, page_size=4, rerank_interval=2, host_headroom_pages=2, use_kernels=True)
     eager_cache = make_cache(fc, **knobs)
     eager = _generate(fc, eager_cache, ids, mask, 60)
-    enable_cuda_graphs(fc)
-    try:
-        cache = make_cache(fc, **knobs)
-        out = _generate(fc, cache, ids, mask, 60)
-    finally:
-        disable_cuda_graphs(fc)
+    out, cache = _with_graphs(fc, knobs, ids, mask, 60)
     g = cache.decode_graphs
     assert g.captures > len(g.graphs) and g.replays > 0  # graphs were dropped at growth, then made again
     assert torch.equal(out.sequences, eager.sequences)
