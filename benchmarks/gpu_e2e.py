@@ -231,6 +231,8 @@ def main(argv=None):
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--sweep", nargs="*", type=int, default=[], help="contexts for a batch-1 sweep (dense vs graphs)")
     ap.add_argument("--json", help="write the sweep here (benchmarks/plot_e2e.py draws it)")
+    ap.add_argument("--chunked", nargs="*", type=int, default=[],
+                    help="batches for a chunked-prefill timing (--prompt tokens, chunks of 4096)")
     ap.add_argument("--budget-gib", type=float, default=40)
     ap.add_argument("--prompt", type=int, default=30000)
     ap.add_argument("--outputs", type=int, default=1000)
@@ -277,6 +279,15 @@ def main(argv=None):
         rows.append((ctx, batch, dense, eager, graphs, offl))
         print(ctx, batch, dense, eager, graphs, offl, flush=True)
     tput = throughput(model, args.budget_gib, args.prompt, args.outputs) if args.throughput else []
+    chunked = []
+    for batch in args.chunked:  # generate(prefill_chunk_size=4096, max_new_tokens=1): prefill time
+        flexi = lambda: FlexiCache(model.config, max_cache_len=args.prompt + 1)  # noqa: E731
+        d = _generate_run(model, lambda: DynamicCache(config=model.config), batch, args.prompt, 1, False)
+        first = _generate_run(model, flexi, batch, args.prompt, 1, False)
+        steady = _generate_run(model, flexi, batch, args.prompt, 1, False)
+        chunked.append(f"| {args.prompt} | {batch} | {d['prefill_s']:.2f} | {steady['prefill_s']:.2f} | "
+                       f"{first['prefill_s']:.2f} | {steady['prefill_s'] / d['prefill_s']:.2f}x |")
+        print(chunked[-1], flush=True)
     print(f"\n## generate()-path decode, Llama-3.1-8B-shaped bf16 ({args.layers} layers, random weights), {torch.cuda.get_device_name()}\n")
     print("| check | result | |\n|---|---|---|")
     print("\n".join(results))
@@ -290,6 +301,10 @@ def main(argv=None):
             f"{d['peak_gib']:.1f} | {g['peak_gib']:.1f} |"
         )
     print("\n".join(tput))
+    if chunked:
+        print("\n| prompt | batch | dense chunked prefill s | FlexiCache steady s | FlexiCache first request s | "
+              "steady vs dense |\n|---|---|---|---|---|---|")
+        print("\n".join(chunked))
     if sweep:
         print("\n| ctx (batch 1) | dense decode ms/tok (eager) | FlexiCache graphs ms/tok | speedup | dense GPU KV GiB | "
               "FlexiCache GPU KV GiB | KV saved | dense prefill s | FlexiCache prefill s |\n|---|---|---|---|---|---|---|---|---|")

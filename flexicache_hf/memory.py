@@ -203,7 +203,9 @@ class OffloadedHeads:
 
     def host_pages(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages first .. last-1 from the host pool, on the GPU, as [B, H, n, page, D]."""
-        self.wait_offloads(host_reader=True)
+        # a GPU reader: the copies below are queued on the compute stream, after the offloads they need
+        # (no device-wide sync: chunked prefill reads the host pool once per layer and chunk)
+        self.wait_offloads(host_reader=not self.pin)
         k = self.host_k[first:last].to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4)
         v = self.host_v[first:last].to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4)
         return k, v
