@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode to EOS / the token limit only (default: also stop once the answer is followed by an empty line)")
     p.add_argument("--report-only", action="store_true", help="only rewrite report.md and the plots from results.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, decode FlexiCache steps eagerly (default: replayed from CUDA graphs, same outputs)")
     return p
 
 
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         model, tok = load_model(job["model"], dtype=dtype, attn_implementation="flexicache")
         model.to(device)
+        if device.startswith("cuda") and not args.no_cuda_graphs:
+            flexicache_hf.enable_cuda_graphs(model)  # FlexiCache decode steps only; identical outputs (tests/test_graphs.py)
         name = runner.model_name(model)
         print(f"[eval] {name} on {device} ({preset['dtype']}), loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         profile = runner.resolve_profile(model, tok, args.profile, out)
