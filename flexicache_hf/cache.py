@@ -218,7 +218,12 @@ class FlexiCacheLayer(CacheLayerMixin):
     def graph_key(self):
         """What a captured decode step of this layer depends on, or None if the next step cannot be captured
         (not a CUDA decode step, a buffer would grow, a prefill offload is still to be waited for)."""
-        if not self.is_initialized or self.length == 0 or self.device.type != "cuda" or not self._fits(self.length + 1):
+        return self.step_key() if self.is_initialized and self.device.type == "cuda" else None
+
+    def step_key(self):
+        """graph_key() on any device: (flags, buffer identity) of the next decode step, or None if that step
+        must run eagerly."""
+        if not self.is_initialized or self.length == 0 or not self._fits(self.length + 1):
             return None
         flags = self.decode_flags()
         off = self.offloaded

@@ -110,3 +110,54 @@ def test_graphs_survive_buffer_growth():
     assert g.captures > len(g.graphs) and g.replays > 0  # graphs were dropped at growth, then made again
     assert torch.equal(out.sequences, eager.sequences)
     _assert_same_kv(cache, eager_cache)
+
+
+def _scalars(obj) -> dict:
+    return {k: v for k, v in vars(obj).items() if isinstance(v, (int, bool)) and not k.startswith("_")}
+
+
+def test_advance_decode_replays_every_python_side_effect():
+    """A replayed step runs no Python but `advance_decode`: every int/bool attribute that an eager decode
+    step changes (layer and host pool) must be changed identically by `advance_decode` alone."""
+    import types
+
+    from flexicache_hf import FlexiCacheLayer
+
+    _, fc = tiny_pair("llama", 6, 2, 32, layers=2)
+    ids, mask = _batch("cpu", lengths=(61, 44))
+    cache = make_cache(fc, topk_pages=2, page_size=4, rerank_interval=3, host_headroom_pages=1)
+    before, checked = {}, []
+    update = FlexiCacheLayer.update
+
+    def spy_update(self, k, *args, **kwargs):
+        if k.shape[2] == 1 and self.length > 0 and self.step_key() is not None:  # a step graphs would replay
+            off = self.offloaded
+            before[self.layer_idx] = (self.decode_flags(), _scalars(self), _scalars(off) if off is not None else None)
+        return update(self, k, *args, **kwargs)
+
+    decode = FlexiCacheLayer._decode
+
+    def spy_decode(self, query, scale, flags):
+        out = decode(self, query, scale, flags)
+        if self.layer_idx not in before:
+            return out
+        want_flags, layer_state, off_state = before.pop(self.layer_idx)
+        shadow = types.SimpleNamespace(**layer_state)
+        shadow.offloaded = types.SimpleNamespace(**off_state) if off_state is not None else None
+        FlexiCacheLayer.advance_decode(shadow, want_flags)
+        assert want_flags == flags
+        got = _scalars(self)
+        assert {k: getattr(shadow, k) for k in got} == got
+        if self.offloaded is not None:
+            assert vars(shadow.offloaded) == _scalars(self.offloaded)
+        checked.append(flags)
+        return out
+
+    FlexiCacheLayer.update, FlexiCacheLayer._decode = spy_update, spy_decode
+    try:
+        _generate(fc, cache, ids, mask, 30)
+    finally:
+        FlexiCacheLayer.update, FlexiCacheLayer._decode = update, decode
+    kinds = set(checked)
+    assert len(checked) >= 40 and any(f.fill for f in kinds) and any(f.rerank for f in kinds)
+    assert any(f.new_page for f in kinds)
