@@ -356,7 +356,7 @@ def bench_copy():
     torch.cuda.synchronize()
     ok = expect("copy_pages (exact)", dst[dst_idx_d], host[src_idx].cuda(), exact=True)
     for cap in (8, 16, 32, 64, 132, 264):
-        t = ms(lambda: KC._copy_pages(host, src_idx_d, dst, dst_idx_d, max_programs=cap, per_program=n))
+        t = ms(lambda: KC._copy_pages(host, src_idx_d, dst, dst_idx_d, min_programs=cap, per_program=n))
         res[f"kernel, grid {cap}"] = t
     res["kernel default (CPU idx)"] = ms(lambda: K.copy_pages(host, src_idx, dst, dst_idx))
     # the fixed-shape promotion of a graph-captured step: 4 entries per page, 3 of them skipped (-1)

@@ -10,8 +10,9 @@ pool is handed over in a small wrapper (``_HostPtr``) so that it is never treate
 Like the reference's non_blocking copy, the kernel runs asynchronously on the current stream: the
 caller must leave the source pages alone until that stream has passed the copy.
 
-The grid is capped (``MAX_PROGRAMS``, a few CTAs) and each program walks pages grid-stride: enough
-PCIe reads in flight to saturate the link, while leaving the SMs to the compute the copy overlaps.
+The grid is small (``MIN_PROGRAMS`` CTAs, more only for long entry lists) and each program walks
+entries grid-stride: enough PCIe reads in flight to saturate the link, while leaving the SMs to the
+compute the copy overlaps.
 The same kernel does device->device gathers (src on the GPU) and, under TRITON_INTERPRET=1, CPU
 copies; a pageable (non-pinned) host pool is gathered on the host and then copied.
 """
@@ -24,8 +25,8 @@ import triton.language as tl
 
 from ._util import interpreting, next_pow2
 
-MAX_PROGRAMS = 32  # H100: 32 CTAs already reach ~50 GB/s (the pinned-copy ceiling is 54.6)
-# Fixed-shape callers pass many skipped entries (index -1); past MAX_PROGRAMS * this many entries the
+MIN_PROGRAMS = 32  # H100: 32 CTAs already reach ~50 GB/s (the pinned-copy ceiling is 54.6)
+# Fixed-shape callers pass many skipped entries (index -1); past MIN_PROGRAMS * this many entries the
 # grid grows, so that no program walks a long list of mostly empty entries.
 ENTRIES_PER_PROGRAM = 8
 NUM_WARPS = 4
@@ -57,27 +58,27 @@ def _copy_pages_kernel(SRC, SRC_IDX, DST, DST_IDX, n, s_src, s_dst,
         tl.store(DST + di * s_dst + offs, x, mask=todo)
 
 
-def _launch(src, src_idx, dst, dst_idx, device, max_programs, num_warps, per_program):
+def _launch(src, src_idx, dst, dst_idx, device, min_programs, num_warps, per_program):
     """src and dst: tensors on `device`, or _HostPtr-wrapped pinned host pools."""
     src_idx = src_idx.reshape(-1).to(device, non_blocking=True)
     dst_idx = dst_idx.reshape(-1).to(device, non_blocking=True)
     n = src_idx.numel()
     s_src, s_dst = (x.t if isinstance(x, _HostPtr) else x for x in (src, dst))
     page = s_dst[0].numel()
-    programs = max(1, min(n, max(max_programs, triton.cdiv(n, per_program))))
+    programs = max(1, min(n, max(min_programs, triton.cdiv(n, per_program))))
     _copy_pages_kernel[(programs,)](
         src, src_idx, dst, dst_idx, n, s_src.stride(0), s_dst.stride(0),
         PAGE=page, BLOCK=next_pow2(page), num_warps=num_warps,
     )
 
 
-def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, *, max_programs=None, num_warps=None, per_program=None):
+def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, *, min_programs=None, num_warps=None, per_program=None):
     """copy_pages with the launch knobs exposed (the benchmark sweeps them)."""
     if src_idx.numel() == 0:
         return
     assert dst_idx.numel() == src_idx.numel(), "src_idx and dst_idx must have the same length"
     assert src_pool.shape[1:] == dst_pool.shape[1:], "pools must have the same page shape"
-    knobs = (max_programs or MAX_PROGRAMS, num_warps or NUM_WARPS, per_program or ENTRIES_PER_PROGRAM)
+    knobs = (min_programs or MIN_PROGRAMS, num_warps or NUM_WARPS, per_program or ENTRIES_PER_PROGRAM)
     src_dev, dst_dev = src_pool.device, dst_pool.device
     pages_contiguous = src_pool[0].is_contiguous() and dst_pool[0].is_contiguous()
     if pages_contiguous and (src_dev == dst_dev or interpreting()):

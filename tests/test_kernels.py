@@ -181,7 +181,7 @@ def test_kernel_copy_pages(D, dtype, src_on_host):
     dst_idx = torch.randperm(S_dst)[:n]
     expect = dst.clone()
     ops.copy_pages_ref(src, src_idx, expect, dst_idx)
-    copy._copy_pages(src, src_idx, dst, dst_idx, max_programs=4)  # fewer programs than pages: grid-stride
+    copy._copy_pages(src, src_idx, dst, dst_idx, min_programs=4)  # fewer programs than pages: grid-stride
     if DEV.type == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(dst, expect)
@@ -234,7 +234,7 @@ def test_kernel_copy_pages_skips_minus_one_and_writes_pinned_host(direction):
     ops.copy_pages_ref(src.cpu(), src_idx, expect, dst_idx)
     assert torch.equal(expect[[5, 2]], dst.cpu()[[5, 2]])  # the reference skipped the -1 entries
     copy._copy_pages(src, src_idx.to(src.device if src.is_cuda else DEV), dst, dst_idx.to(src.device if src.is_cuda else DEV),
-                     max_programs=2)
+                     min_programs=2)
     if DEV.type == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(dst.cpu(), expect)
