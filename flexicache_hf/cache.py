@@ -277,7 +277,7 @@ class FlexiCacheLayer(CacheLayerMixin):
             module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         if start == 0:  # the new keys are the whole context
-            self._write_metadata(0, merged=key_states)
+            self._write_metadata(merged=key_states)
             return sdpa(query, key_states, value_states)
         # later chunks (chunked prefill, multi-turn, verification): each head group attends to its own
         # context, so the whole layer's K/V is never copied into one tensor (that copy set the peak memory)
@@ -286,7 +286,7 @@ class FlexiCacheLayer(CacheLayerMixin):
             parts.append((self.dense, self.u_idx, *self.dense.read(self.length)))
         if self.offloaded is not None:
             parts.append((self.offloaded, self.s_idx, *self._stable_context(stable_chunk)))
-        self._write_metadata(0, by_group=[(group, k) for group, _, k, _ in parts])
+        self._write_metadata(by_group=[(group, k) for group, _, k, _ in parts])
         if len(parts) == 1:
             return sdpa(query, *parts[0][2:])
         B, Hq, T, D = query.shape
@@ -307,14 +307,14 @@ class FlexiCacheLayer(CacheLayerMixin):
             row = row == 0  # additive float mask: 0 attends, -inf / dtype-min does not
         self.kv_valid[:, start : start + n] = row.expand(self.batch, -1)
 
-    def _write_metadata(self, first_token: int, merged=None, by_group=None) -> None:
-        """MinMax metadata for the pages that filled since the last call, from keys that start at
-        `first_token`: `merged` [B, H, T, D] for every head, or `by_group` [(group, keys of its heads)]."""
+    def _write_metadata(self, merged=None, by_group=None) -> None:
+        """MinMax metadata for the pages that filled since the last call, from the whole context's keys:
+        `merged` [B, H, T, D] for every head, or `by_group` [(group, keys of its heads)]."""
         ps = self.cfg.page_size
         p0, p1 = self.meta_pages, self.length // ps
         if p1 <= p0:
             return
-        lo, hi = p0 * ps - first_token, p1 * ps - first_token
+        lo, hi = p0 * ps, p1 * ps
         valid = self.kv_valid[:, p0 * ps : p1 * ps]
         if merged is not None:
             kmin, kmax = ops.page_minmax(merged[:, :, lo:hi], valid, ps, self.cfg.use_kernels)
@@ -440,7 +440,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.update(keys, values)
         self.kv_valid[:, : keys.shape[2]] = valid
         self.pending = None
-        self._write_metadata(0, merged=keys)
+        self._write_metadata(merged=keys)
         self.need_select, self.decode_steps = True, 0
 
     def repartition(self, unstable_heads: list[int]) -> None:

@@ -178,8 +178,7 @@ class OffloadedHeads:
 
         A kernel writes the mapped pinned pool directly (zero-copy), on the compute stream: no staging, no
         host sync, and the page slot stays untouched until the copy has read it (same stream)."""
-        if self.host_len >= self.host_k.shape[0]:
-            self._reserve_host(self.host_len + 1)
+        self._reserve_host(self.host_len + 1)
         B, H, S, ps, D = self.k.shape
         src = (self._rows * S + self.cur_slot.unsqueeze(-1)).view(-1)
         dst = (page * (B * H) + self._rows).view(-1)  # host pool [pages, B, H]: index (page * B + b) * H + h
