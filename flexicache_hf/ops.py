@@ -55,11 +55,14 @@ def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> 
 def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest finite scores of each row (ties: the lower page), as page ids in ascending order,
     then -1 where fewer than k scores are finite. scores [N, P] fp32, k <= P -> [N, k] int64."""
-    N, P = scores.shape
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    ids = torch.where(scores.gather(-1, order) > NEG_INF, order, P)  # P sorts after every page id
-    ids = ids.sort(dim=-1).values
-    return torch.where(ids < P, ids, -1)
+    return ascending_page_ids(scores.gather(-1, order), order, scores.shape[1])
+
+
+def ascending_page_ids(top: torch.Tensor, ids: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """Top-k `ids` [N, k] (scores `top`) as page ids in ascending order, then -1 for the -inf scores."""
+    ids = torch.where(top > NEG_INF, ids, num_pages).sort(dim=-1).values  # num_pages sorts after every id
+    return torch.where(ids < num_pages, ids, -1)
 
 
 def select_pages_ref(q, kmin, kmax, page_valid, current, k: int) -> torch.Tensor:

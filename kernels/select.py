@@ -14,7 +14,7 @@ does: every page scores 0).
 
 from __future__ import annotations
 
-import torch
+from flexicache_hf.ops import ascending_page_ids
 
 from .scores import page_scores
 
@@ -24,5 +24,4 @@ def select_pages(q, kmin, kmax, page_valid, current, k):
     P = kmin.shape[1]
     scores = page_scores(q, kmin, kmax, page_valid, current)
     top, ids = scores.topk(min(k, P), dim=-1, sorted=False)
-    ids = torch.where(top > float("-inf"), ids, P).sort(dim=-1).values  # P sorts after every page id
-    return torch.where(ids < P, ids, -1)
+    return ascending_page_ids(top, ids, P)
