@@ -161,6 +161,13 @@ def plot_scores(summary: dict, path) -> None:
         ax.set_ylabel("mean score (%)")
         ax.set_title(f"{key[0]}, {key[1]} tokens")
         ax.grid(alpha=0.3)
+    _save(fig, axes, path)
+
+
+def _save(fig, axes, path) -> None:
+    """One legend beside the last panel, then write and close the figure."""
+    import matplotlib.pyplot as plt
+
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -193,10 +200,7 @@ def plot_fidelity(records: list[dict], path) -> None:
         ax.set_ylabel("top-1 agreement with dense (%), per window")
         ax.set_title(f"{key[0]}, {key[1]}, prompt {key[2]}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def write_report(out_dir) -> Path:
