@@ -19,6 +19,8 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
         (dict(rerank_interval=0), "rerank_interval=0 is invalid"),
         (dict(rerank_interval=True), "must be an int"),
         (dict(use_kernels="yes"), "use_kernels"),
+        (dict(max_cache_len=0), "max_cache_len=0 is invalid: give the prompt \\+ new tokens"),
+        (dict(max_cache_len=4096.0), "max_cache_len=4096.0 is invalid"),
     ],
 )
 def test_config_rejects(knobs, match):
