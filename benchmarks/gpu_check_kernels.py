@@ -8,9 +8,9 @@
 3. per (context, batch), Llama-3.1-8B shapes (32 q heads, 8 KV heads, D=128, bf16), budget 64 pages
    of 16: every kernel vs its reference (rel err <= 1e-2, no NaN, outputs pre-filled with NaN), then
    one layer's decode attention:
-     sparse = unstable 25% of KV heads: select_pages (masked scores + top-k kernel) + attend over 64
-            pages + the current one
-            + stable 75%: attend over 66 resident slots
+     sparse = unstable 25% of KV heads: select_pages (masked scores + top-k sort tournament, the
+            current page appended) choosing 64 pages + the current one, stable 75%: 66 resident slots,
+            both attended in one paged_decode_attention launch (+ its split merge)
      dense  = sdpa over the full KV (the faster of enable_gqa and "group as queries"),
    timed eagerly (do_bench, L2 flushed, medians) and as CUDA graph replays (launch overhead gone);
 4. promotion: 4096 scattered 8 KiB pages, pinned host -> GPU: copy_pages (zero-copy kernel, several
@@ -48,6 +48,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 from flexicache_hf.kernels import _util  # noqa: E402
 from flexicache_hf.kernels import attention as KA  # noqa: E402
 from flexicache_hf.kernels import copy as KC  # noqa: E402
+from flexicache_hf.kernels import select as KS  # noqa: E402
 
 HQ, HKV, D, PS, BUDGET = 32, 8, 128, 16, 64
 G = HQ // HKV
@@ -95,22 +96,20 @@ class Layer:
         self.scale = D ** -0.5
         g = torch.Generator(device=dev).manual_seed(ctx + B)
         rnd = lambda *s: torch.randn(*s, device=dev, dtype=DT, generator=g)  # noqa: E731
-        q = rnd(B, HKV, G, D)
-        self.q_u = q[:, :H_UNSTABLE].reshape(self.Nu, G, D)
-        self.q_s = q[:, H_UNSTABLE:].reshape(self.Ns, G, D)
-        self.q_dense = q.reshape(B, HQ, 1, D)
-        # unstable heads: every page resident, row r's page p in slot r * P + p
+        self.q = rnd(B, HKV, G, D)  # the layer's query, [B, KV heads, group, D], as the cache sees it
+        self.q_dense = self.q.reshape(B, HQ, 1, D)
+        heads = torch.randperm(HKV, device=dev, generator=g)  # a profile scatters unstable heads
+        self.u_idx, self.s_idx = heads[:H_UNSTABLE].sort().values, heads[H_UNSTABLE:].sort().values
+        self.q_u = self.q.index_select(1, self.u_idx).reshape(self.Nu, G, D)
+        # unstable heads: every page resident, row r's page p in slot r * P + p (the cache's DenseHeads)
         self.k_u, self.v_u = rnd(self.Nu * self.P, PS, D), rnd(self.Nu * self.P, PS, D)
-        self.base_u = (torch.arange(self.Nu, device=dev) * self.P)[:, None]
         self.cur = torch.full((self.Nu, 1), self.P - 1, device=dev, dtype=torch.long)
-        # stable heads: 66 resident slots per row, scattered over a small pool. The pool holds three
-        # copies so that a timing loop can rotate through them and miss in L2 like a real decode step.
-        S_s = self.Ns * RESIDENT
-        self.k_s, self.v_s = rnd(3 * S_s, PS, D), rnd(3 * S_s, PS, D)
-        self.slots_s = torch.randperm(S_s, device=dev, generator=g).view(self.Ns, RESIDENT)
-        self.slots_rot = [self.slots_s + c * S_s for c in range(3)]
+        # stable heads: 66 resident slots per row, entry e of row r in slot r * 66 + e (OffloadedHeads).
+        # Three pools, so that a timing loop can rotate through them and miss in L2 like a real step.
+        self.k_s = [rnd(self.Ns * RESIDENT, PS, D) for _ in range(3)]
+        self.v_s = [rnd(self.Ns * RESIDENT, PS, D) for _ in range(3)]
         picks = torch.rand(self.Ns, self.P - 1, device=dev, generator=g).topk(RESIDENT - 1, 1).indices
-        self.pids_s = torch.cat([picks, self.cur[:1].expand(self.Ns, 1)], 1)
+        self.pids_s = torch.cat([picks, self.cur[:1].expand(self.Ns, 1)], 1).view(B, H_STABLE, RESIDENT)
         self.valid = torch.ones(B, self.T, device=dev, dtype=torch.bool)
         self.valid[0, :37] = False  # a left-padded row
         keys = self.k_u.view(B, H_UNSTABLE, self.P, PS, D)[:, :, : self.Pf].reshape(B, H_UNSTABLE, self.Pf * PS, D)
@@ -120,29 +119,32 @@ class Layer:
         self.page_valid = self.valid[:, : self.Pf * PS].view(B, self.Pf, PS).any(-1)
         self.current = torch.tensor([self.P - 1], device=dev)
 
-    # one layer, sparse
+    # one layer, sparse: exactly the calls FlexiCacheLayer._decode makes at a step without rerank
     def select(self):
-        """What FlexiCacheLayer._decode does for the unstable heads: masked scores + top-k in one kernel
-        each (select_pages), then the current page appended and pool slots made."""
-        top = K.select_pages(self.q_u, self.kmin, self.kmax, self.page_valid, self.current, BUDGET)
-        pids = torch.cat([top, self.cur], 1)
-        return torch.where(pids >= 0, pids + self.base_u, -1), pids
+        """Unstable heads: their query rows, masked scores, top-64 tournament, the current page appended."""
+        q_u = self.q.index_select(1, self.u_idx).reshape(self.Nu, G, D)
+        return K.select_pages(q_u, self.kmin, self.kmax, self.page_valid, self.current, BUDGET, append_current=True)
 
-    def attend_unstable(self, slots, pids, fn=None):
-        return (fn or K.sparse_decode_attention)(self.q_u, self.k_u, self.v_u, slots, pids, self.valid, self.scale)
+    def group_u(self, table):
+        return ops.PageGroup(self.k_u, self.v_u, table.view(self.B, H_UNSTABLE, -1), self.u_idx, by_entry=False)
 
-    def attend_stable(self, fn=None):
-        return (fn or K.sparse_decode_attention)(self.q_s, self.k_s, self.v_s, self.slots_s, self.pids_s,
-                                                 self.valid, self.scale)
+    def group_s(self, copy=0):
+        return ops.PageGroup(self.k_s[copy], self.v_s[copy], self.pids_s, self.s_idx, by_entry=True)
+
+    def attend(self, table, fn=None):
+        """Both head groups in one paged_decode_attention launch."""
+        return (fn or K.paged_decode_attention)(self.q, [self.group_u(table), self.group_s()], self.valid, self.scale)
+
+    def attend_stable(self, fn=None, copy=0):
+        return (fn or K.paged_decode_attention)(self.q, [self.group_s(copy)], self.valid, self.scale)
 
     def attend_stable_rotating(self):
-        """Three stable-head attentions over three disjoint pool copies (time / 3: L2-cold)."""
-        for slots in self.slots_rot:
-            K.sparse_decode_attention(self.q_s, self.k_s, self.v_s, slots, self.pids_s, self.valid, self.scale)
+        """Three stable-head attentions over three disjoint pools (time / 3: L2-cold)."""
+        for c in range(3):
+            self.attend_stable(copy=c)
 
     def sparse_step(self):
-        slots, pids = self.select()
-        return self.attend_unstable(slots, pids), self.attend_stable()
+        return self.attend(self.select())
 
     def bytes_sparse(self):
         meta = 2 * self.Nu * self.Pf * D * 2
@@ -174,15 +176,13 @@ def check_layer(L: Layer):
         s = K.page_scores(L.q_u, L.kmin, L.kmax)
         ok &= expect("page_scores", s, ops.page_scores_ref(L.q_u, L.kmin, L.kmax))
         masked = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
-        sel = K.select_pages(L.q_u, L.kmin, L.kmax, L.page_valid, L.current, BUDGET)
-        same = torch.equal(sel, ops.topk_pages_ref(masked, BUDGET))
+        table = L.select()
+        same = torch.equal(table[:, :-1], ops.topk_pages_ref(masked, BUDGET)) and bool((table[:, -1] == L.P - 1).all())
         print(f"  check {'select_pages (exact ids)':<28} {'ok' if same else 'FAIL'}")
         ok &= same
         torch.cuda.empty_cache()
-        slots, pids = L.select()
-        ok &= expect("attend unstable (65 pages)", L.attend_unstable(slots, pids),
-                     L.attend_unstable(slots, pids, ops.sparse_decode_attention_ref))
-        ok &= expect("attend stable (66 slots)", L.attend_stable(), L.attend_stable(ops.sparse_decode_attention_ref))
+        ok &= expect("attend both groups (65/66)", L.attend(table), L.attend(table, ops.paged_decode_attention_ref))
+        ok &= expect("attend stable (66 slots)", L.attend_stable(), L.attend_stable(ops.paged_decode_attention_ref))
     finally:
         _util.POISON = False
     torch.cuda.empty_cache()
@@ -257,7 +257,7 @@ def sweep_attention():
     for k_, v_ in best.items():
         setattr(KA, k_, v_)
     L8 = shapes[8]
-    err = rel_err(L8.attend_stable(), L8.attend_stable(ops.sparse_decode_attention_ref))
+    err = rel_err(L8.attend_stable(), L8.attend_stable(ops.paged_decode_attention_ref))
     print(f"   using {best} (rel err at B=8: {err:.2e})")
     del shapes
     torch.cuda.empty_cache()
@@ -295,13 +295,12 @@ def bench_layers(free_gib):
                 row["sparse_eager"] = ms(L.sparse_step)
                 row["sparse_graph"] = ms(L.sparse_step, graph=True)
                 row["attend_stable"] = ms(L.attend_stable)
-                slots, pids = L.select()
-                s_ = K.page_scores(L.q_u, L.kmin, L.kmax)
+                table = L.select()
+                s_ = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
                 g = {  # GPU time of each part (graph replays)
-                    "scores": lambda: K.page_scores(L.q_u, L.kmin, L.kmax),
-                    "topk+table": lambda: torch.cat([torch.topk(s_, BUDGET, 1, sorted=False).indices, L.cur], 1)
-                    + L.base_u,
-                    "attend_u": lambda: L.attend_unstable(slots, pids),
+                    "scores": lambda: K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current),
+                    "topk": lambda: KS.topk_pages(s_, BUDGET, L.current),
+                    "attend": lambda: L.attend(table),
                     "attend_s": L.attend_stable,
                 }
                 row["parts_graph"] = {k_: ms(f, graph=True) * 1e3 for k_, f in g.items()}
@@ -401,15 +400,17 @@ def main():
     print(f"device copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
     L = Layer(10240, 1)
     sc = K.page_scores(L.q_u, L.kmin, L.kmax)
+    table = L.select()
     host = {
-        "sparse_decode_attention (2 launches)": cpu_overhead_us(L.attend_stable),
+        "paged_decode_attention, 2 groups": cpu_overhead_us(lambda: L.attend(table)),
+        "select_pages": cpu_overhead_us(L.select),
         "page_scores": cpu_overhead_us(lambda: K.page_scores(L.q_u, L.kmin, L.kmax)),
         "torch.topk": cpu_overhead_us(lambda: torch.topk(sc, BUDGET, 1, sorted=False)),
         "torch.cat": cpu_overhead_us(lambda: torch.cat([sc, sc], 1)),
         "sdpa": cpu_overhead_us(lambda: F.scaled_dot_product_attention(L.q_dense, L.q_dense, L.q_dense)),
     }
     print("host us per call (enqueue only): " + ", ".join(f"{k_} {v_:.0f}" for k_, v_ in host.items()))
-    del L, sc
+    del L, sc, table
     if args.sweep:
         try:
             sweep_attention()
@@ -430,7 +431,7 @@ def main():
           f"Attention launch: BLOCK_T={KA.BLOCK_T} warps={KA.NUM_WARPS} stages={KA.NUM_STAGES} "
           f"programs/SM={KA.PROGRAMS_PER_SM} PV_TF32={KA.PV_TF32}.\n")
     print("One layer of Llama-3.1-8B decode (32 q / 8 KV heads, D=128, bf16, budget 64 pages of 16; sparse = "
-          "2 unstable KV heads score+topk+attend 65 pages, 6 stable attend 66 slots). Times in us (medians); "
+          "2 unstable KV heads score+topk 65 pages, 6 stable heads 66 slots, one attention launch for both). Times in us (medians); "
           "eager = do_bench (L2 flushed, Python launch cost included), graph = CUDA-graph replay (GPU time); "
           "GB/s over the bytes that must be read; host us = CPU time to enqueue one eager sparse step.\n")
     print("| ctx | batch | check | dense eager | sparse eager | speedup eager | dense graph | sparse graph "

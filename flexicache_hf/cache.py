@@ -331,45 +331,39 @@ class FlexiCacheLayer(CacheLayerMixin):
     def _decode(self, query: torch.Tensor, scale: float, flags: DecodeFlags) -> torch.Tensor:
         current = self.pos_t // self.cfg.page_size  # the page that holds the new token, [1] on the device
         B, Hq, _, D = query.shape
-        G = Hq // self.num_kv_heads
-        q_u, q_s = self._split(query.reshape(B, self.num_kv_heads, G, D))
-        out_u = out_s = None
-        if self.dense is not None:
-            sel = self._select(q_u, self.dense, current)
+        q = query.reshape(B, self.num_kv_heads, Hq // self.num_kv_heads, D)
+        groups = []
+        if self.dense is not None:  # unstable heads: select every step; the current page is the last entry
+            q_u = q if self.offloaded is None else q.index_select(1, self.u_idx)
+            table = self._select(q_u, self.dense, current, append_current=True)
             if self.calibration is not None:
-                self.calibration.record(self.layer_idx, sel, self.length // self.cfg.page_size)
-            page_ids = torch.cat([sel, current.view(1, 1, 1).expand(B, sel.shape[1], 1)], dim=-1)
-            out_u = self._attend_pages(q_u, *self.dense.page_pools(), self.dense.slots_of(page_ids), page_ids, scale)
-        if self.offloaded is not None:
+                self.calibration.record(self.layer_idx, table[..., :-1], self.length // self.cfg.page_size)
+            groups.append(ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False))
+        if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
+                q_s = q if self.dense is None else q.index_select(1, self.s_idx)
                 self.offloaded.promote(self._select(q_s, self.offloaded, current), current)
-            out_s = self._attend_pages(q_s, *self.offloaded.attention_inputs(), scale)
+            groups.append(ops.PageGroup(*self.offloaded.slot_pools(), self.offloaded.slot_page, self.s_idx,
+                                        by_entry=True))
+        out = ops.paged_decode_attention(q, groups, self.kv_valid, scale, self.cfg.use_kernels)
         self.pos_t.add_(1)
         self.advance_decode(flags)
-        out = self._merge(out_u, out_s).reshape(B, 1, Hq, D)
         if self.calibration is not None and self.calibration.ready() and self.layer_idx == self.calibration.num_layers - 1:
             self.calibration.finish()
-        return out
+        return out.reshape(B, 1, Hq, D)
 
-    def _select(self, q: torch.Tensor, group, current: torch.Tensor) -> torch.Tensor:
+    def _select(self, q: torch.Tensor, group, current: torch.Tensor, append_current=False) -> torch.Tensor:
         """Top-K pages among the valid full pages before `current`, per row of `group`: [B, Hg, K] ids in
-        ascending order, then -1 (ops.select_pages_ref). Scores cover the whole metadata capacity (a fixed
-        shape) with the non-candidates masked; with at most K candidates every one is selected."""
+        ascending order, then -1 (ops.select_pages_ref), with append_current `current` as a last column.
+        Scores cover the whole metadata capacity (a fixed shape) with the non-candidates masked; with at
+        most K candidates every one is selected."""
         B, Hg, G, D = q.shape
         cap = group.kmin.shape[2]
         ids = ops.select_pages(
             q.reshape(B * Hg, G, D), group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D),
-            self.page_valid, current, self.cfg.topk_pages, self.cfg.use_kernels,
+            self.page_valid, current, self.cfg.topk_pages, append_current, self.cfg.use_kernels,
         )
         return ids.view(B, Hg, -1)
-
-    def _attend_pages(self, q, k_pool, v_pool, slots, page_ids, scale):
-        B, Hg, G, D = q.shape
-        out = ops.sparse_decode_attention(
-            q.reshape(B * Hg, G, D), k_pool, v_pool, slots.reshape(B * Hg, -1), page_ids.reshape(B * Hg, -1),
-            self.kv_valid, scale, self.cfg.use_kernels,
-        )
-        return out.view(B, Hg, G, D)
 
     # ---- whole-context views -------------------------------------------------------------------
     def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:

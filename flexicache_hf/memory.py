@@ -83,14 +83,9 @@ class DenseHeads:
         return self.k[:, :, :length], self.v[:, :, :length]
 
     def page_pools(self):
+        """K and V as pools of pages: row r = b * heads + h holds its page p in slot r * capacity_pages + p."""
         D = self.k.shape[-1]
         return self.k.view(-1, self.page_size, D), self.v.view(-1, self.page_size, D)
-
-    def slots_of(self, page_ids: torch.Tensor) -> torch.Tensor:
-        """Pool slots of [B, H, M] page ids (-1 stays -1)."""
-        B, H = page_ids.shape[:2]
-        rows = torch.arange(B * H, device=page_ids.device).view(B, H, 1)
-        return torch.where(page_ids >= 0, rows * self.capacity_pages + page_ids, -1)
 
     def select_batch(self, idx: torch.Tensor) -> None:
         for name in ("k", "v", "kmin", "kmax"):
@@ -129,7 +124,6 @@ class OffloadedHeads:
         self._b = torch.arange(B, device=self.device).view(B, 1)
         self._h = torch.arange(H, device=self.device).view(1, H)
         self._rows = torch.arange(B * H, device=self.device).view(B, H, 1)  # row = b * H + h
-        self._slots = torch.arange(B * H * S, device=self.device).view(B, H, S)
 
     # ---- capacity ------------------------------------------------------------------------------
     def reserve_metadata(self, pages: int) -> None:
@@ -274,11 +268,10 @@ class OffloadedHeads:
         for host, gpu in ((self.host_k, self.k), (self.host_v, self.v)):
             ops.copy_pages(host.view(-1, ps, D), src_idx, gpu.view(-1, ps, D), dst_idx)
 
-    def attention_inputs(self):
-        """(k_pool, v_pool, slots, page_ids) covering every occupied slot: stable heads attend to all of them."""
+    def slot_pools(self):
+        """K and V as pools of pages: row r = b * heads + h holds slot_page[b, h, e] in slot r * num_slots + e."""
         ps, D = self.k.shape[3:]
-        slots = torch.where(self.slot_page >= 0, self._slots, -1)
-        return self.k.view(-1, ps, D), self.v.view(-1, ps, D), slots, self.slot_page
+        return self.k.view(-1, ps, D), self.v.view(-1, ps, D)
 
     # ---- batch ops and accounting --------------------------------------------------------------
     def select_batch(self, idx: torch.Tensor) -> None:

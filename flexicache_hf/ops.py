@@ -12,6 +12,8 @@ Shapes:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 NEG_INF = float("-inf")
@@ -65,19 +67,23 @@ def ascending_page_ids(top: torch.Tensor, ids: torch.Tensor, num_pages: int) -> 
     return torch.where(ids < num_pages, ids, -1)
 
 
-def select_pages_ref(q, kmin, kmax, page_valid, current, k: int) -> torch.Tensor:
+def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current: bool = False) -> torch.Tensor:
     """Decode-time page selection of one head group: the top-k candidate pages per row.
 
     q [N, G, D]; kmin, kmax [N, P, D]; page_valid [B, >=P] bool (row n belongs to batch n // (N // B));
     current: a device tensor [1], the page holding the newest token. Candidates are the valid pages
     before `current`; their MinMax scores (page_scores_ref) rank them. Returns [N, min(k, P)] int64:
     topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates, all of them).
+    With append_current, `current` follows as one more column: the page table unstable heads attend to.
     """
     N, P = kmin.shape[:2]
     scores = page_scores_ref(q, kmin, kmax)
     batch = torch.arange(N, device=q.device) // (N // page_valid.shape[0])
     cand = page_valid[batch, :P] & (torch.arange(P, device=q.device) < current)
-    return topk_pages_ref(scores.masked_fill(~cand, NEG_INF), min(k, P))
+    ids = topk_pages_ref(scores.masked_fill(~cand, NEG_INF), min(k, P))
+    if append_current:
+        ids = torch.cat([ids, current.view(1, 1).to(ids.dtype).expand(N, 1)], dim=1)
+    return ids
 
 
 def sparse_decode_attention_ref(
@@ -113,6 +119,44 @@ def sparse_decode_attention_ref(
     v = v.masked_fill(~ok.unsqueeze(-1), 0.0)  # unwritten slots may hold anything; 0 * NaN would leak
     out = torch.einsum("ngs,nsd->ngd", probs, v.reshape(N, -1, D))
     return out.to(q.dtype)
+
+
+class PageGroup(NamedTuple):
+    """One head group's pages for decode attention (rows = batch x len(heads), row r = b * len(heads) + h).
+
+    k_pool, v_pool [rows * row_slots, page_size, D] contiguous; page_ids [B, Hg, M] int (-1: none);
+    heads [Hg] long: the group's KV heads in q and the output. The slot of entry e of row r is
+    r * row_slots + e with by_entry (a slot table: the stable heads' resident pages), else
+    r * row_slots + page_ids[r, e] (every page resident: the unstable heads' buffer).
+    """
+
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    page_ids: torch.Tensor
+    heads: torch.Tensor
+    by_entry: bool
+
+
+def paged_decode_attention_ref(q: torch.Tensor, groups, kv_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention of every head of a layer: q [B, H, G, D], groups: PageGroups (each head in at
+    most one; heads in none get zeros), kv_valid [B, T] -> [B, H, G, D] (sparse_decode_attention_ref per
+    group, with the slots the group's addressing gives)."""
+    B, H, G, D = q.shape
+    out = torch.zeros_like(q)
+    for g in groups:
+        Hg, M = g.page_ids.shape[1:]
+        rows = B * Hg
+        if rows == 0:
+            continue
+        row_slots = g.k_pool.shape[0] // rows
+        base = torch.arange(rows, device=q.device).view(rows, 1) * row_slots
+        ids = g.page_ids.reshape(rows, M)
+        offset = torch.arange(M, device=q.device).expand(rows, M) if g.by_entry else ids
+        slots = torch.where(ids >= 0, base + offset, -1)
+        o = sparse_decode_attention_ref(q[:, g.heads].reshape(rows, G, D), g.k_pool, g.v_pool, slots, ids,
+                                        kv_valid, scale)
+        out[:, g.heads] = o.view(B, Hg, G, D)
+    return out
 
 
 def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor) -> None:
@@ -174,13 +218,13 @@ def page_scores(q, kmin, kmax, use_kernels="auto"):
     return _run("page_scores", page_scores_ref, q, use_kernels, q, kmin, kmax)
 
 
-def select_pages(q, kmin, kmax, page_valid, current, k, use_kernels="auto"):
-    return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k)
+def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, use_kernels="auto"):
+    return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k,
+                append_current)
 
 
-def sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale, use_kernels="auto"):
-    return _run("sparse_decode_attention", sparse_decode_attention_ref, q, use_kernels,
-                q, k_pool, v_pool, slots, page_ids, kv_valid, scale)
+def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):
+    return _run("paged_decode_attention", paged_decode_attention_ref, q, use_kernels, q, groups, kv_valid, scale)
 
 
 def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):

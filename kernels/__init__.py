@@ -20,10 +20,10 @@ if __name__ == "flexicache_hf.kernels":
 # (which must be imported after TRITON_INTERPRET is set, in the CPU tests).
 
 if AVAILABLE:
-    from .attention import sparse_decode_attention
+    from .attention import paged_decode_attention
     from .copy import copy_pages
     from .minmax import page_minmax
     from .scores import page_scores
     from .select import select_pages
 
-__all__ = ["AVAILABLE", "page_minmax", "page_scores", "select_pages", "sparse_decode_attention", "copy_pages"]
+__all__ = ["AVAILABLE", "page_minmax", "page_scores", "select_pages", "paged_decode_attention", "copy_pages"]

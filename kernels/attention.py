@@ -1,8 +1,12 @@
-"""Sparse decode attention: one query token per head over a per-row list of pages (flash-decoding).
+"""Sparse decode attention: one query token per head over a per-row page table (flash-decoding).
 
-Semantics: ``flexicache_hf.ops.sparse_decode_attention_ref``.
+Semantics: ``flexicache_hf.ops.paged_decode_attention_ref``.
 
 Layout of the work:
+- one launch serves both head groups of a layer (unstable heads: every page resident, a page's slot
+  follows from its id; stable heads: a slot table), each row finds its group, pools and query head
+  itself, and writes straight into the layer's [B, H, G, D] output: no split of the query, no merge of
+  two outputs, two launches fewer per layer;
 - one program handles the whole GQA group (G query heads) of one row (batch, KV head), so every K/V
   page is read from memory once per group, not once per query head; the group is the M side of the
   two tensor-core dots (padded to 16, the smallest dot tile);
@@ -51,24 +55,49 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _row(n, N0, HG0, HG1, HEADS0, HEADS1, H):
+    """Row n of the launch -> (group, row within the group, batch, q/out row b * H + head)."""
+    if n < N0:
+        grp = 0
+        r = n
+        b = r // HG0
+        head = tl.load(HEADS0 + r % HG0)
+    else:
+        grp = 1
+        r = n - N0
+        b = r // HG1
+        head = tl.load(HEADS1 + r % HG1)
+    return grp, r, b, b * H + head
+
+
+@triton.jit
 def _attn_split_kernel(
-    Q, K, V, SLOTS, PIDS, VALID, OUT, O_PART, LSE,
-    qk_scale, M, T, rows_per_batch, tokens_per_split, n_splits,
-    s_kp, s_kt, s_vp, s_vt,
+    Q, OUT, O_PART, LSE, VALID,
+    K0, V0, PIDS0, HEADS0, N0, M0, HG0, RS0, BY_ENTRY0,
+    K1, V1, PIDS1, HEADS1, M1, HG1, RS1, BY_ENTRY1,
+    qk_scale, H, T, tokens_per_split, n_splits, s_kp, s_kt,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     PS: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
     PV_TF32: tl.constexpr, V_LOAD_MASK: tl.constexpr,
 ):
     n = tl.program_id(0)
     split = tl.program_id(1)
-    b = n // rows_per_batch
+    grp, r, b, qrow = _row(n, N0, HG0, HG1, HEADS0, HEADS1, H)
+    # the row's group: its pools, page table, length and addressing (scalar selects, no divergence)
+    if grp == 0:
+        Kp, Vp, Pp = K0, V0, PIDS0
+    else:
+        Kp, Vp, Pp = K1, V1, PIDS1
+    M = tl.where(grp == 0, M0, M1)
+    row_slots = tl.where(grp == 0, RS0, RS1).to(tl.int64)
+    by_entry = tl.where(grp == 0, BY_ENTRY0, BY_ENTRY1) != 0
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
     offs_t = tl.arange(0, BLOCK_T)
     mask_g = offs_g < G
     mask_d = offs_d < D  # D=80 is padded to 128 with masks
     qd_mask = mask_g[:, None] & mask_d[None, :]
-    q = tl.load(Q + (n * G + offs_g[:, None]) * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    q = tl.load(Q + (qrow * G + offs_g[:, None]) * D + offs_d[None, :], mask=qd_mask, other=0.0)
     if F32:  # fp32 (or mixed) inputs: exact fp32 dots instead of tf32
         q = q.to(tl.float32)
 
@@ -80,11 +109,11 @@ def _attn_split_kernel(
     end = tl.minimum(start + tokens_per_split, M * PS)
     for j0 in range(start, end, BLOCK_T):
         j = j0 + offs_t
-        e = j // PS  # entry of the page list
+        e = j // PS  # entry of the page table
         t = j % PS  # token inside the page
-        slot = tl.load(SLOTS + n * M + e, mask=j < end, other=-1).to(tl.int64)
-        used = slot >= 0  # slot -1: no page, skipped (its loads are masked off: no memory traffic)
-        pid = tl.maximum(tl.load(PIDS + n * M + e, mask=used, other=0).to(tl.int64), 0)
+        pid = tl.load(Pp + r * M + e, mask=j < end, other=-1).to(tl.int64)
+        used = pid >= 0  # page id -1: no page, skipped (its loads are masked off: no memory traffic)
+        slot = r * row_slots + tl.where(by_entry, e, pid)
         pos = pid * PS + t
         ok = used & (pos < T)
         ok = ok & (tl.load(VALID + b * T + pos, mask=ok, other=0) != 0)
@@ -92,8 +121,8 @@ def _attn_split_kernel(
         # valid-flag load off K's dependency chain; invalid tokens get -inf logits below. V must be
         # zero at invalid tokens: its load is masked by `ok` (V_LOAD_MASK) or it is zeroed after.
         kv_mask = used[:, None] & mask_d[None, :]
-        k = tl.load(K + slot[:, None] * s_kp + t[:, None] * s_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v_ptr = V + slot[:, None] * s_vp + t[:, None] * s_vt + offs_d[None, :]
+        k = tl.load(Kp + slot[:, None] * s_kp + t[:, None] * s_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v_ptr = Vp + slot[:, None] * s_kp + t[:, None] * s_kt + offs_d[None, :]
         if V_LOAD_MASK:
             v = tl.load(v_ptr, mask=ok[:, None] & mask_d[None, :], other=0.0)
         else:
@@ -128,16 +157,17 @@ def _attn_split_kernel(
         tl.store(O_PART + (base * G + offs_g[:, None]) * D + offs_d[None, :], o, mask=qd_mask)
         tl.store(LSE + base * G + offs_g, lse, mask=mask_g)
     else:
-        tl.store(OUT + (n * G + offs_g[:, None]) * D + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=qd_mask)
+        tl.store(OUT + (qrow * G + offs_g[:, None]) * D + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit
 def _attn_merge_kernel(
-    O_PART, LSE, OUT, n_splits,
+    O_PART, LSE, OUT, n_splits, N0, HG0, HG1, HEADS0, HEADS1, H,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):
     # Log-sum-exp merge of the splits of one row: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
     n = tl.program_id(0)
+    qrow = _row(n, N0, HG0, HG1, HEADS0, HEADS1, H)[3]
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
     mask_g = offs_g < G
@@ -157,7 +187,7 @@ def _attn_merge_kernel(
         l = l * alpha + w
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(OUT + (n * G + offs_g[:, None]) * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + (qrow * G + offs_g[:, None]) * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _split_plan(n_rows: int, tokens: int, block_t: int, device, num_splits: int | None):
@@ -170,62 +200,67 @@ def _split_plan(n_rows: int, tokens: int, block_t: int, device, num_splits: int 
     return triton.cdiv(n_blocks, blocks_per_split), blocks_per_split * block_t
 
 
-def _sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale, *,
-                             num_splits=None, block_t=None, num_warps=None, num_stages=None):
-    """sparse_decode_attention with launch knobs exposed (tests and the benchmark sweep use them)."""
-    N, G, D = q.shape
-    S, PS, Dk = k_pool.shape
-    B, T = kv_valid.shape
-    M = slots.shape[1]
-    assert Dk == D and v_pool.shape[1:] == k_pool.shape[1:], "pool shapes must match q"
-    assert PS & (PS - 1) == 0, "page_size must be a power of two"
-    out = new_output((N, G, D), q.device, q.dtype)
-    if N == 0:
-        return out
-    if M == 0 or T == 0 or B == 0:
+def _paged_decode_attention(q, groups, kv_valid, scale, *,
+                            num_splits=None, block_t=None, num_warps=None, num_stages=None):
+    """paged_decode_attention with launch knobs exposed (tests and the benchmark sweep use them)."""
+    B, H, G, D = q.shape
+    assert 1 <= len(groups) <= 2, "one or two head groups per launch"
+    T = kv_valid.shape[1]
+    covered = sum(len(g.heads) for g in groups)
+    out = new_output(q.shape, q.device, q.dtype) if covered == H else torch.zeros_like(q)
+    rows = [B * len(g.heads) for g in groups]
+    Ms = [g.page_ids.shape[-1] for g in groups]
+    if sum(rows) == 0 or T == 0:
         return out.zero_()
-    # Small index tables are made contiguous (cheap); the pools only need unit stride along D.
+    k_pool = groups[0].k_pool
+    PS = k_pool.shape[1]
+    assert PS & (PS - 1) == 0, "page_size must be a power of two"
+    for g in groups:  # one stride pair serves both groups: pools are contiguous [slots, page_size, D]
+        assert g.k_pool.is_contiguous() and g.v_pool.is_contiguous() and g.k_pool.shape[1:] == (PS, D)
+        assert g.v_pool.shape == g.k_pool.shape and g.k_pool.dtype == k_pool.dtype
     q = q.contiguous()
-    slots = slots.contiguous()
-    page_ids = page_ids.contiguous()
-    kv_valid = kv_valid.contiguous()
     if kv_valid.dtype == torch.bool:
         kv_valid = kv_valid.view(torch.uint8)
-    if k_pool.stride(2) != 1:
-        k_pool = k_pool.contiguous()
-    if v_pool.stride(2) != 1:
-        v_pool = v_pool.contiguous()
+    kv_valid = kv_valid.contiguous()
+    flat = []
+    for g, n in zip(groups, rows):
+        flat.append((g.k_pool, g.v_pool, g.page_ids.contiguous(), g.heads.contiguous(),
+                     g.k_pool.shape[0] // max(1, n), int(g.by_entry)))
+    g0 = flat[0]
+    g1 = flat[1] if len(flat) > 1 else g0
 
     d_pad = max(16, next_pow2(D))
     block_t = block_t or max(16, min(BLOCK_T, TILE_BYTES // (d_pad * k_pool.element_size())))
-    splits, per_split = _split_plan(N, M * PS, block_t, q.device, num_splits)
-    f32 = not (q.dtype == k_pool.dtype == v_pool.dtype and q.dtype in (torch.float16, torch.bfloat16))
+    N = sum(rows)
+    splits, per_split = _split_plan(N, max(Ms) * PS, block_t, q.device, num_splits)
+    f32 = not (q.dtype == k_pool.dtype and q.dtype in (torch.float16, torch.bfloat16))
     g_pad = max(16, next_pow2(G))  # tl.dot needs M >= 16
     if splits > 1:
         o_part = new_output((N, splits, G, D), q.device, torch.float32)
         lse = new_output((N, splits, G), q.device, torch.float32)
     else:  # unused by the kernel (SPLIT=False); any tensor will do
         o_part = lse = out
+    hg0, hg1 = len(groups[0].heads), len(groups[-1].heads)
     _attn_split_kernel[(N, splits)](
-        q, k_pool, v_pool, slots, page_ids, kv_valid, out, o_part, lse,
-        float(scale) * LOG2E, M, T, N // B, per_split, splits,
-        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        q, out, o_part, lse, kv_valid,
+        g0[0], g0[1], g0[2], g0[3], rows[0], Ms[0], hg0, g0[4], g0[5],
+        g1[0], g1[1], g1[2], g1[3], Ms[-1], hg1, g1[4], g1[5],
+        float(scale) * LOG2E, H, T, per_split, splits, PS * D, D,
         G=G, G_PAD=g_pad, D=D, D_PAD=d_pad, PS=PS, BLOCK_T=block_t, SPLIT=splits > 1, F32=f32,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, PV_TF32=PV_TF32,
         V_LOAD_MASK=V_LOAD_MASK,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )
     if splits > 1:
-        _attn_merge_kernel[(N,)](o_part, lse, out, splits, G=G, G_PAD=next_pow2(G), D=D, D_PAD=d_pad,
-                                 num_warps=4)
+        _attn_merge_kernel[(N,)](o_part, lse, out, splits, rows[0], hg0, hg1, g0[3], g1[3], H,
+                                 G=G, G_PAD=next_pow2(G), D=D, D_PAD=d_pad, num_warps=4)
     return out
 
 
-def sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale):
-    """Decode attention of one query token per head over a per-row list of pages.
+def paged_decode_attention(q, groups, kv_valid, scale):
+    """Decode attention of one query token per head over per-row page tables, all head groups in one launch.
 
-    q [N, G, D]; k_pool, v_pool [S, page_size, D]; slots, page_ids [N, M] int (-1: no page);
-    kv_valid [B, T] bool. Returns [N, G, D] in q's dtype (see ops.sparse_decode_attention_ref).
+    q [B, H, G, D]; groups: one or two ops.PageGroup; kv_valid [B, T] bool. Returns [B, H, G, D] in q's
+    dtype (see ops.paged_decode_attention_ref).
     """
-    return _sparse_decode_attention(q, k_pool, v_pool, slots, page_ids, kv_valid, scale)
-
+    return _paged_decode_attention(q, groups, kv_valid, scale)

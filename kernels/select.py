@@ -1,27 +1,109 @@
 """Page selection of one head group at a decode step: masked MinMax scores, then the top K.
 
-Semantics: ``flexicache_hf.ops.select_pages_ref``. The masking (valid pages before the current one)
-happens inside the scores kernel, which saves four elementwise launches per head group and layer; the
-top K then come from ``torch.topk`` (with -1 for missing candidates and ids sorted ascending, so that
-attention sums pages in context order). One Triton program per row holding the row's scores and
-sorting them (tl.sort) was tried: exact, but slower than torch.topk on the H100 at 2-4k pages per row
-(32k/batch 8: 3.7x against 5.6x faster than dense per layer), so it was dropped.
+Semantics: ``flexicache_hf.ops.select_pages_ref`` / ``topk_pages_ref`` (ties go to the lower page).
 
-Ties: the reference gives them to the lower page; torch.topk breaks them its own way. Ties need equal
-scores, which real queries and keys practically never produce (a zero query, e.g. a padding token's,
-does: every page scores 0).
+Top-K runs as a tournament of small Triton sorts instead of torch.topk, whose radix select gives one
+thread block to each row: at 32k tokens and batch 8 that is 16 blocks walking 2048 scores each, plus
+five more launches to mark, order and append. Here each score and its page id are packed into one
+int64 whose signed order is (score, then lower page first), so one ``tl.sort`` orders both:
+- chunk pass: many programs, each sorts CHUNK packed scores of one row and keeps its best k (the top k
+  of a row lies in the union of its chunks' top k); repeated while a row has more than FINAL entries;
+- final pass: one program per row sorts what is left, keeps the best k, and writes them as page ids in
+  ascending order, -1 for missing candidates, optionally the current page appended as the last column
+  (the unstable heads' page table, ready for attention).
+One program per row sorting a whole row (2-4k pages) was measured slower than torch.topk on the H100;
+the chunk pass is what spreads the work over the GPU.
 """
 
 from __future__ import annotations
 
-from flexicache_hf.ops import ascending_page_ids
+import torch
+import triton
+import triton.language as tl
 
+from ._util import next_pow2
 from .scores import page_scores
 
+CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
+FINAL = 512  # a row at most this long is finished by one program
+_NEG_INF_KEY = tl.constexpr(-2139095041)  # the key of -inf: scores at or below it are no candidates
+_MASK32 = tl.constexpr(0xFFFFFFFF)
+_NOTHING = tl.constexpr(-(2**63))  # below every packed score: padding
 
-def select_pages(q, kmin, kmax, page_valid, current, k):
-    """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)], ascending, then -1."""
-    P = kmin.shape[1]
+
+@triton.jit
+def _pack(s, page):
+    """fp32 score + page id -> int64 ordered by score, then by lower page (larger key = better)."""
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 == 0.0 for the reference: one key for both
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed int order == float order
+    return (key.to(tl.int64) << 32) | (page.to(tl.int64) ^ _MASK32)  # MASK32 - page
+
+
+@triton.jit
+def _load_packed(IN, n, s_in, offs, L, FROM_SCORES: tl.constexpr):
+    """Entries offs of row n: fp32 scores (packed here with their page ids) or packed keys; padding past L."""
+    inside = offs < L
+    if FROM_SCORES:
+        s = tl.load(IN + n.to(tl.int64) * s_in + offs, mask=inside, other=float("-inf"))
+        return tl.where(inside, _pack(s, offs), _NOTHING)
+    return tl.load(IN + n.to(tl.int64) * s_in + offs, mask=inside, other=_NOTHING)
+
+
+@triton.jit
+def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.constexpr):
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * CH + tl.arange(0, CH)
+    x = tl.sort(_load_packed(IN, n, s_in, offs, L, FROM_SCORES), descending=True)
+    j = tl.arange(0, CH)
+    tl.store(OUT + n.to(tl.int64) * s_out + c * k + j, x, mask=j < k)
+
+
+@triton.jit
+def _final_kernel(IN, OUT, CUR, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, APPEND: tl.constexpr,
+                  CH: tl.constexpr):
+    n = tl.program_id(0)
+    offs = tl.arange(0, CH)
+    x = tl.sort(_load_packed(IN, n, s_in, offs, L, FROM_SCORES), descending=True)
+    keep = (offs < k) & ((x >> 32) > _NEG_INF_KEY)
+    big = 2147483647
+    ids = tl.where(keep, ((x & _MASK32) ^ _MASK32).to(tl.int32), big)
+    ids = tl.sort(ids)  # ascending page ids, missing ones (big) last
+    out = OUT + n.to(tl.int64) * s_out
+    tl.store(out + offs, tl.where(ids < big, ids, -1).to(tl.int64), mask=offs < k)
+    if APPEND:
+        tl.store(out + k, tl.load(CUR).to(tl.int64))
+
+
+def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [N, P] fp32 -> [N, min(k, P)] int64 (ops.topk_pages_ref), plus `append` [1] as a last column."""
+    N, P = scores.shape
+    k = min(k, P)
+    out = torch.empty(N, k + (append is not None), device=scores.device, dtype=torch.int64)
+    if N == 0:
+        return out
+    if append is not None and k == 0:
+        return out.copy_(append.view(1, 1).expand(N, 1))
+    if k == 0:
+        return out
+    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
+    x, L, from_scores = scores, P, True
+    chunk, final = max(CHUNK, next_pow2(2 * k)), max(FINAL, next_pow2(2 * k))
+    while L > final:
+        n_chunks = triton.cdiv(L, chunk)
+        y = torch.empty(N, n_chunks * k, device=scores.device, dtype=torch.int64)
+        _chunk_kernel[(N, n_chunks)](x, y, L, x.stride(0), y.stride(0), k,
+                                     FROM_SCORES=from_scores, CH=chunk, num_warps=4)
+        x, L, from_scores = y, n_chunks * k, False
+    cur = append if append is not None else out
+    _final_kernel[(N,)](x, out, cur, L, x.stride(0), out.stride(0), k, FROM_SCORES=from_scores,
+                        APPEND=append is not None, CH=max(16, next_pow2(L)), num_warps=4)
+    return out
+
+
+def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False):
+    """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)] ascending, then -1;
+    with append_current the current page follows as one more column."""
     scores = page_scores(q, kmin, kmax, page_valid, current)
-    top, ids = scores.topk(min(k, P), dim=-1, sorted=False)
-    return ascending_page_ids(top, ids, P)
+    return topk_pages(scores, k, current if append_current else None)

@@ -40,28 +40,40 @@ def check(out, ref, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# sparse_decode_attention
+# paged_decode_attention (both head groups of a layer in one launch)
 # ------------------------------------------------------------------------------------------------
-def make_attention_case(dtype, G, D, ps, B=3, heads=2, M=5, T=77, S=31):
-    """Random case with the awkward parts: odd M/T/S, a partial last page (positions >= T), left
-    padding, -1 entries, a row with no page at all, a batch row with no valid token."""
-    N = B * heads
-    q = torch.randn(N, G, D, device=DEV).to(dtype)
-    k_pool = torch.randn(S, ps, D, device=DEV).to(dtype)
-    v_pool = torch.randn(S, ps, D, device=DEV).to(dtype)
-    n_pages = -(-T // ps)
-    page_ids = torch.randint(0, n_pages, (N, M), device=DEV)
-    page_ids[:, -1] = n_pages - 1  # every row sees the partial tail page
-    slots = torch.randint(0, S, (N, M), device=DEV)
-    slots[0, 1] = -1
-    slots[1, ::2] = -1
-    slots[2, :] = -1  # nothing to attend -> zeros
-    page_ids[slots < 0] = -1
+def make_attention_case(dtype, G, D, ps, B=3, H=5, unstable=(1, 3), M=5, T=77, S=6, groups="both"):
+    """Random layer with the awkward parts: odd M/T/S, a partial last page (positions >= T), left
+    padding, -1 entries, a row with no page at all, a batch row with no valid token. Unstable heads
+    address pages by id in a [rows * P, ps, D] buffer, stable heads by entry in a [rows * S, ps, D]
+    slot pool whose slot table has holes."""
+    q = torch.randn(B, H, G, D, device=DEV).to(dtype)
+    P = -(-T // ps)  # pages per row; the last one is partial
+    u = torch.tensor(unstable, device=DEV, dtype=torch.long)
+    s = torch.tensor([h for h in range(H) if h not in unstable], device=DEV, dtype=torch.long)
+    out = []
+    if groups in ("both", "unstable"):
+        Nu = B * len(u)
+        ids = torch.rand(Nu, P - 1, device=DEV).argsort(-1)[:, : M - 1].sort(-1).values
+        ids = torch.nn.functional.pad(ids, (0, M - 1 - ids.shape[1]), value=-1)  # fewer pages than M - 1
+        ids[0, :2] = -1  # fewer candidates than K
+        ids = torch.cat([ids, torch.full((Nu, 1), P - 1, device=DEV)], 1)  # the current page last
+        ids[1, :] = -1  # nothing to attend
+        pool = [torch.randn(Nu * P, ps, D, device=DEV).to(dtype) for _ in range(2)]
+        out.append(ops.PageGroup(*pool, ids.view(B, len(u), M), u, by_entry=False))
+    if groups in ("both", "stable"):
+        Ns = B * len(s)
+        ids = torch.randint(0, P, (Ns, S), device=DEV)
+        ids[:, -1] = P - 1
+        ids[0, ::2] = -1
+        ids[2, 1] = -1
+        pool = [torch.randn(Ns * S, ps, D, device=DEV).to(dtype) for _ in range(2)]
+        out.append(ops.PageGroup(*pool, ids.view(B, len(s), S), s, by_entry=True))
     kv_valid = torch.ones(B, T, dtype=torch.bool, device=DEV)
     kv_valid[1, :ps + 3] = False  # left padding, crossing a page boundary
     kv_valid[0, -2:] = False  # not yet written tail
     kv_valid[B - 1] = False  # a batch row with nothing valid
-    return q, k_pool, v_pool, slots, page_ids, kv_valid, D ** -0.5
+    return q, out, kv_valid, D ** -0.5
 
 
 ATTN_CASES = [  # dtype, G, D, page_size
@@ -77,43 +89,62 @@ ATTN_CASES = [  # dtype, G, D, page_size
 
 @pytest.mark.parametrize("dtype,G,D,ps", ATTN_CASES)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_kernel_sparse_decode_attention(dtype, G, D, ps, num_splits):
-    args = make_attention_case(dtype, G, D, ps)
-    ref = ops.sparse_decode_attention_ref(*args)
-    out = attention._sparse_decode_attention(*args, num_splits=num_splits, block_t=16)
+def test_kernel_paged_decode_attention(dtype, G, D, ps, num_splits):
+    q, groups, kv_valid, scale = make_attention_case(dtype, G, D, ps)
+    ref = ops.paged_decode_attention_ref(q, groups, kv_valid, scale)
+    out = attention._paged_decode_attention(q, groups, kv_valid, scale, num_splits=num_splits, block_t=16)
     check(out, ref, dtype)
-    assert (out[2] == 0).all(), "a row with nothing to attend must give zeros"
+    assert (out[:, 3].abs().sum() > 0) and (out[2] == 0).all(), "batch row 2 has nothing valid: zeros"
+    assert (out[0, 3] == 0).all(), "unstable row 1 (batch 0, head 3) has no page: zeros"
+
+
+@pytest.mark.parametrize("which", ["unstable", "stable"])
+def test_kernel_paged_decode_attention_one_group(which):
+    """A layer whose heads are all of one kind (or a head in no group: zeros, like the reference)."""
+    unstable = (0, 1, 2) if which == "unstable" else ()
+    q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 4, 64, 16, H=3, unstable=unstable, groups=which)
+    check(attention._paged_decode_attention(q, groups, kv_valid, scale, num_splits=2, block_t=32),
+          ops.paged_decode_attention_ref(q, groups, kv_valid, scale), torch.bfloat16)
+    q, groups, kv_valid, scale = make_attention_case(torch.float32, 2, 64, 16, H=4, unstable=(0, 2), groups="unstable")
+    out = attention.paged_decode_attention(q, groups, kv_valid, scale)
+    check(out, ops.paged_decode_attention_ref(q, groups, kv_valid, scale), torch.float32)
+    assert (out[:, [1, 3]] == 0).all()
 
 
 @pytest.mark.parametrize("dtype,G,D", [(torch.bfloat16, 4, 128), (torch.float32, 7, 128), (torch.float16, 3, 80)])
-def test_kernel_sparse_decode_attention_default_plan(dtype, G, D):
+def test_kernel_paged_decode_attention_default_plan(dtype, G, D):
     """The public entry point with its default launch shape (the tuned one on the GPU)."""
-    args = make_attention_case(dtype, G, D, 16, B=2, M=9, T=150, S=40)
-    check(attention.sparse_decode_attention(*args), ops.sparse_decode_attention_ref(*args), dtype)
+    q, groups, kv_valid, scale = make_attention_case(dtype, G, D, 16, B=2, M=9, T=150, S=10)
+    check(attention.paged_decode_attention(q, groups, kv_valid, scale),
+          ops.paged_decode_attention_ref(q, groups, kv_valid, scale), dtype)
 
 
 @pytest.mark.parametrize("v_load_mask", [False, True])
-def test_kernel_sparse_decode_attention_ignores_garbage_in_masked_tokens(v_load_mask, monkeypatch):
+def test_kernel_paged_decode_attention_ignores_garbage_in_masked_tokens(v_load_mask, monkeypatch):
     """Unwritten slots may hold anything, even NaN: masked tokens must not leak through 0 * NaN."""
     monkeypatch.setattr(attention, "V_LOAD_MASK", v_load_mask)
-    q, k_pool, v_pool, slots, page_ids, kv_valid, scale = make_attention_case(torch.float32, 3, 64, 16)
-    ref = ops.sparse_decode_attention_ref(q, k_pool, v_pool, slots, page_ids, kv_valid, scale)
-    dirty_k, dirty_v = k_pool.clone(), v_pool.clone()
+    q, groups, kv_valid, scale = make_attention_case(torch.float32, 3, 64, 16)
+    ref = ops.paged_decode_attention_ref(q, groups, kv_valid, scale)
     tail = (kv_valid.shape[1] - 1) // 16  # positions 77.. of the last page do not exist
-    for n in range(slots.shape[0]):
-        for m in range(slots.shape[1]):
-            if slots[n, m] >= 0 and page_ids[n, m] == tail:
-                dirty_k[slots[n, m], 77 % 16:] = float("nan")
-                dirty_v[slots[n, m], 77 % 16:] = float("nan")
-    out = attention._sparse_decode_attention(q, dirty_k, dirty_v, slots, page_ids, kv_valid, scale,
-                                             num_splits=2, block_t=16)
+    dirty = []
+    for g in groups:
+        k, v = g.k_pool.clone(), g.v_pool.clone()
+        rows, M = g.page_ids.shape[0] * g.page_ids.shape[1], g.page_ids.shape[2]
+        ids = g.page_ids.reshape(rows, M)
+        for r in range(rows):
+            for e in range(M):
+                if ids[r, e] == tail:
+                    slot = r * (k.shape[0] // rows) + (e if g.by_entry else tail)
+                    k[slot, 77 % 16:] = v[slot, 77 % 16:] = float("nan")
+        dirty.append(g._replace(k_pool=k, v_pool=v))
+    out = attention._paged_decode_attention(q, dirty, kv_valid, scale, num_splits=2, block_t=16)
     check(out, ref, torch.float32)
 
 
-def test_kernel_sparse_decode_attention_through_ops():
-    args = make_attention_case(torch.bfloat16, 3, 64, 16, B=2, M=3, T=40, S=9)
-    out = ops.sparse_decode_attention(*args, use_kernels=True)
-    check(out, ops.sparse_decode_attention_ref(*args), torch.bfloat16)
+def test_kernel_paged_decode_attention_through_ops():
+    q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 3, 64, 16, B=2, M=3, T=40, S=4)
+    out = ops.paged_decode_attention(q, groups, kv_valid, scale, use_kernels=True)
+    check(out, ops.paged_decode_attention_ref(q, groups, kv_valid, scale), torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,18 +231,11 @@ def test_kernel_copy_pages_empty_and_through_ops():
     assert torch.equal(dst[1].cpu(), src[5]) and torch.equal(dst[3].cpu(), src[0]) and (dst[[0, 2]] == 0).all()
 
 
-def test_kernel_sparse_decode_attention_pv_tf32(monkeypatch):
+def test_kernel_paged_decode_attention_pv_tf32(monkeypatch):
     monkeypatch.setattr(attention, "PV_TF32", True)
-    args = make_attention_case(torch.bfloat16, 4, 128, 16)
-    check(attention._sparse_decode_attention(*args, num_splits=2, block_t=32),
-          ops.sparse_decode_attention_ref(*args), torch.bfloat16)
-
-
-def test_kernel_sparse_decode_attention_v_load_mask(monkeypatch):
-    monkeypatch.setattr(attention, "V_LOAD_MASK", True)
-    args = make_attention_case(torch.float16, 3, 80, 16)
-    check(attention._sparse_decode_attention(*args, num_splits=2, block_t=32),
-          ops.sparse_decode_attention_ref(*args), torch.float16)
+    q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 4, 128, 16)
+    check(attention._paged_decode_attention(q, groups, kv_valid, scale, num_splits=2, block_t=32),
+          ops.paged_decode_attention_ref(q, groups, kv_valid, scale), torch.bfloat16)
 
 
 @pytest.mark.parametrize("direction", ["to_gpu", "to_host"])
@@ -269,3 +293,22 @@ def test_kernel_select_pages(dtype, G):
     few = select.select_pages(q, kmin, kmax, page_valid, torch.tensor([4], device=DEV), k)
     assert torch.equal(few, ops.select_pages_ref(q, kmin, kmax, page_valid, torch.tensor([4], device=DEV), k))
     assert (few[:, 4:] == -1).all()
+    table = select.select_pages(q, kmin, kmax, page_valid, current, k, append_current=True)
+    assert torch.equal(table, ops.select_pages_ref(q, kmin, kmax, page_valid, current, k, append_current=True))
+    assert torch.equal(table[:, :-1], got) and (table[:, -1] == 31).all()
+
+
+@pytest.mark.parametrize("N,P,k", [(2, 700, 5), (3, 37, 8), (2, 20, 32), (1, 1, 1)])
+def test_kernel_topk_pages(N, P, k):
+    """The sort tournament equals the reference exactly, ties included (to the lower page; -0.0 == 0.0):
+    chunk pass (P > 512), one final pass, k > P, missing candidates (-inf) as -1, the appended page."""
+    s = torch.randn(N, P, device=DEV)
+    s[0, ::3] = float("-inf")
+    s[-1] = torch.randint(-1, 2, (P,), device=DEV).float()  # ties, zeros of both signs
+    s[-1, ::2] *= -1
+    if N > 1:
+        s[1, 3:] = float("-inf")  # three candidates only
+    ref = ops.topk_pages_ref(s, min(k, P))
+    assert torch.equal(select.topk_pages(s, k), ref)
+    appended = select.topk_pages(s, k, torch.tensor([P], device=DEV))
+    assert torch.equal(appended[:, :-1], ref) and (appended[:, -1] == P).all()
