@@ -46,8 +46,10 @@ def _load_packed(IN, n, s_in, offs, L, FROM_SCORES: tl.constexpr):
     inside = offs < L
     if FROM_SCORES:
         s = tl.load(IN + n.to(tl.int64) * s_in + offs, mask=inside, other=float("-inf"))
-        return tl.where(inside, _pack(s, offs), _NOTHING)
-    return tl.load(IN + n.to(tl.int64) * s_in + offs, mask=inside, other=_NOTHING)
+        x = tl.where(inside, _pack(s, offs), _NOTHING)
+    else:
+        x = tl.load(IN + n.to(tl.int64) * s_in + offs, mask=inside, other=_NOTHING)
+    return x
 
 
 @triton.jit
