@@ -121,9 +121,9 @@ class Layer:
 
     # one layer, sparse: exactly the calls FlexiCacheLayer._decode makes at a step without rerank
     def select(self):
-        """Unstable heads: their query rows, masked scores, top-64 tournament, the current page appended."""
-        q_u = self.q.index_select(1, self.u_idx).reshape(self.Nu, G, D)
-        return K.select_pages(q_u, self.kmin, self.kmax, self.page_valid, self.current, BUDGET, append_current=True)
+        """Unstable heads: masked scores (query rows read in place), top-64 tournament, current page appended."""
+        return K.select_pages(self.q, self.kmin, self.kmax, self.page_valid, self.current, BUDGET,
+                              append_current=True, heads=self.u_idx)
 
     def group_u(self, table):
         return ops.PageGroup(self.k_u, self.v_u, table.view(self.B, H_UNSTABLE, -1), self.u_idx, by_entry=False)
@@ -263,6 +263,44 @@ def sweep_attention():
     torch.cuda.empty_cache()
 
 
+def sweep_select():
+    """Time the top-k tournament's knobs (chunk, final size, warps) on the whole selection and the
+    split merge (fused or a second launch) on the whole sparse step; install the best."""
+    print("== select / merge sweep (graph-replay median us)")
+    shapes = {(32768, 8): Layer(32768, 8), (10240, 40): Layer(10240, 40)}
+
+    def timed(fn_of_layer):
+        return {k_: ms(lambda: fn_of_layer(L), graph=True) * 1e3 for k_, L in shapes.items()}
+
+    def gm(t):
+        return math.exp(sum(math.log(v_) for v_ in t.values()) / len(t))
+
+    rows = []
+    for chunk in (128, 256, 512):
+        for final in (256, 512, 1024):
+            for w in (1, 2, 4, 8):
+                KS.CHUNK, KS.FINAL, KS.NUM_WARPS = chunk, final, w
+                try:
+                    rows.append(((chunk, final, w), timed(lambda L: L.select())))
+                except Exception as e:
+                    print(f"   chunk {chunk} final {final} warps {w}: {type(e).__name__}: {str(e)[:80]}")
+    rows.sort(key=lambda r: gm(r[1]))
+    for (chunk, final, w), t in rows[:5]:
+        print(f"   chunk {chunk} final {final} warps {w}: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
+    KS.CHUNK, KS.FINAL, KS.NUM_WARPS = rows[0][0]
+    for fused in (False, True):
+        KA.FUSED_MERGE = fused
+        t = timed(lambda L: L.sparse_step())
+        print(f"   sparse step, FUSED_MERGE={fused}: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
+        if fused:
+            best_fused = gm(t) <= gm(t_sep)
+        t_sep = t
+    KA.FUSED_MERGE = best_fused
+    print(f"   using CHUNK={KS.CHUNK} FINAL={KS.FINAL} NUM_WARPS={KS.NUM_WARPS} FUSED_MERGE={KA.FUSED_MERGE}")
+    del shapes
+    torch.cuda.empty_cache()
+
+
 def cpu_overhead_us(fn, n=200):
     """Host time per call, queued without synchronising: the launch cost an eager decode step pays."""
     import time
@@ -298,7 +336,7 @@ def bench_layers(free_gib):
                 table = L.select()
                 s_ = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
                 g = {  # GPU time of each part (graph replays)
-                    "scores": lambda: K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current),
+                    "scores": lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx),
                     "topk": lambda: KS.topk_pages(s_, BUDGET, L.current),
                     "attend": lambda: L.attend(table),
                     "attend_s": L.attend_stable,
@@ -386,6 +424,7 @@ def main():
     ap.add_argument("--no-tests", action="store_true")
     ap.add_argument("--only-copy", action="store_true", help="only the promotion / offload bandwidth")
     ap.add_argument("--sweep", action="store_true", help="re-tune the attention launch shape first")
+    ap.add_argument("--sweep-select", action="store_true", help="re-tune the top-k tournament and split merge first")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
@@ -411,6 +450,12 @@ def main():
     }
     print("host us per call (enqueue only): " + ", ".join(f"{k_} {v_:.0f}" for k_, v_ in host.items()))
     del L, sc, table
+    if args.sweep_select:
+        try:
+            sweep_select()
+        except Exception:
+            traceback.print_exc()
+            print("   select sweep failed: keeping the defaults")
     if args.sweep:
         try:
             sweep_attention()
@@ -429,7 +474,8 @@ def main():
     print(f"\n## flexicache-hf kernels on {name} (torch {torch.__version__}, triton {triton.__version__})\n")
     print(f"Unit tests on GPU: {'pass' if tests_ok else 'FAIL'}; device copy {bw / 1e12:.2f} TB/s (read+write). "
           f"Attention launch: BLOCK_T={KA.BLOCK_T} warps={KA.NUM_WARPS} stages={KA.NUM_STAGES} "
-          f"programs/SM={KA.PROGRAMS_PER_SM} PV_TF32={KA.PV_TF32}.\n")
+          f"programs/SM={KA.PROGRAMS_PER_SM} PV_TF32={KA.PV_TF32} FUSED_MERGE={KA.FUSED_MERGE}. Top-k: "
+          f"CHUNK={KS.CHUNK} FINAL={KS.FINAL} warps={KS.NUM_WARPS}.\n")
     print("One layer of Llama-3.1-8B decode (32 q / 8 KV heads, D=128, bf16, budget 64 pages of 16; sparse = "
           "2 unstable KV heads score+topk 65 pages, 6 stable heads 66 slots, one attention launch for both). Times in us (medians); "
           "eager = do_bench (L2 flushed, Python launch cost included), graph = CUDA-graph replay (GPU time); "

@@ -334,15 +334,13 @@ class FlexiCacheLayer(CacheLayerMixin):
         q = query.reshape(B, self.num_kv_heads, Hq // self.num_kv_heads, D)
         groups = []
         if self.dense is not None:  # unstable heads: select every step; the current page is the last entry
-            q_u = q if self.offloaded is None else q.index_select(1, self.u_idx)
-            table = self._select(q_u, self.dense, current, append_current=True)
+            table = self._select(q, self.u_idx, self.dense, current, append_current=True)
             if self.calibration is not None:
                 self.calibration.record(self.layer_idx, table[..., :-1], self.length // self.cfg.page_size)
             groups.append(ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False))
         if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
-                q_s = q if self.dense is None else q.index_select(1, self.s_idx)
-                self.offloaded.promote(self._select(q_s, self.offloaded, current), current)
+                self.offloaded.promote(self._select(q, self.s_idx, self.offloaded, current), current)
             groups.append(ops.PageGroup(*self.offloaded.slot_pools(), self.offloaded.slot_page, self.s_idx,
                                         by_entry=True))
         out = ops.paged_decode_attention(q, groups, self.kv_valid, scale, self.cfg.use_kernels)
@@ -352,16 +350,16 @@ class FlexiCacheLayer(CacheLayerMixin):
             self.calibration.finish()
         return out.reshape(B, 1, Hq, D)
 
-    def _select(self, q: torch.Tensor, group, current: torch.Tensor, append_current=False) -> torch.Tensor:
-        """Top-K pages among the valid full pages before `current`, per row of `group`: [B, Hg, K] ids in
-        ascending order, then -1 (ops.select_pages_ref), with append_current `current` as a last column.
-        Scores cover the whole metadata capacity (a fixed shape) with the non-candidates masked; with at
-        most K candidates every one is selected."""
-        B, Hg, G, D = q.shape
-        cap = group.kmin.shape[2]
+    def _select(self, q: torch.Tensor, heads, group, current: torch.Tensor, append_current=False) -> torch.Tensor:
+        """Top-K pages among the valid full pages before `current`, for the heads `heads` of the layer's
+        query q [B, H, G, D] (the rows of `group`): [B, Hg, K] ids, best first, then -1
+        (ops.select_pages_ref), with append_current `current` as a last column. Scores cover the whole
+        metadata capacity (a fixed shape) with the non-candidates masked; with at most K candidates
+        every one is selected."""
+        B, Hg, cap, D = group.kmin.shape
         ids = ops.select_pages(
-            q.reshape(B * Hg, G, D), group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D),
-            self.page_valid, current, self.cfg.topk_pages, append_current, self.cfg.use_kernels,
+            q, group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D), self.page_valid, current,
+            self.cfg.topk_pages, append_current, heads, self.cfg.use_kernels,
         )
         return ids.view(B, Hg, -1)
 

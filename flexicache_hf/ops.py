@@ -55,27 +55,27 @@ def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> 
 
 
 def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest finite scores of each row (ties: the lower page), as page ids in ascending order,
-    then -1 where fewer than k scores are finite. scores [N, P] fp32, k <= P -> [N, k] int64."""
+    """The k highest finite scores of each row as page ids, best first (ties: the lower page first),
+    then -1 where fewer than k scores are finite. scores [N, P] fp32, k <= P -> [N, k] int64.
+    (Attention does not care about the order: it is fixed only so that kernel and reference agree.)"""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    return ascending_page_ids(scores.gather(-1, order), order, scores.shape[1])
+    return torch.where(scores.gather(-1, order) > NEG_INF, order, -1)
 
 
-def ascending_page_ids(top: torch.Tensor, ids: torch.Tensor, num_pages: int) -> torch.Tensor:
-    """Top-k `ids` [N, k] (scores `top`) as page ids in ascending order, then -1 for the -inf scores."""
-    ids = torch.where(top > NEG_INF, ids, num_pages).sort(dim=-1).values  # num_pages sorts after every id
-    return torch.where(ids < num_pages, ids, -1)
-
-
-def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current: bool = False) -> torch.Tensor:
+def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current: bool = False,
+                     heads=None) -> torch.Tensor:
     """Decode-time page selection of one head group: the top-k candidate pages per row.
 
-    q [N, G, D]; kmin, kmax [N, P, D]; page_valid [B, >=P] bool (row n belongs to batch n // (N // B));
-    current: a device tensor [1], the page holding the newest token. Candidates are the valid pages
-    before `current`; their MinMax scores (page_scores_ref) rank them. Returns [N, min(k, P)] int64:
-    topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates, all of them).
-    With append_current, `current` follows as one more column: the page table unstable heads attend to.
+    q [N, G, D], or with `heads` [Hg] the layer's query [B, H, G, D] whose heads `heads` are the rows
+    (row n = b * Hg + h); kmin, kmax [N, P, D]; page_valid [B, >=P] bool (row n belongs to batch
+    n // (N // B)); current: a device tensor [1], the page holding the newest token. Candidates are the
+    valid pages before `current`; their MinMax scores (page_scores_ref) rank them. Returns [N, min(k, P)]
+    int64: topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates,
+    all of them). With append_current, `current` follows as one more column: the page table unstable
+    heads attend to.
     """
+    if heads is not None:
+        q = q[:, heads].reshape(-1, *q.shape[2:])
     N, P = kmin.shape[:2]
     scores = page_scores_ref(q, kmin, kmax)
     batch = torch.arange(N, device=q.device) // (N // page_valid.shape[0])
@@ -218,9 +218,9 @@ def page_scores(q, kmin, kmax, use_kernels="auto"):
     return _run("page_scores", page_scores_ref, q, use_kernels, q, kmin, kmax)
 
 
-def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, use_kernels="auto"):
+def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto"):
     return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k,
-                append_current)
+                append_current, heads)
 
 
 def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):

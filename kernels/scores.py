@@ -20,9 +20,15 @@ BLOCK_P = 16
 @triton.jit
 def _page_scores_kernel(
     Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, VALID, CURRENT, s_vb, rows_per_batch,
+    HEADS, H,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr,
+    MAPPED: tl.constexpr,
 ):
     n = tl.program_id(0)
+    if MAPPED:  # q is the layer's [B, H, G, D] query; row n is batch n // Hg, head HEADS[n % Hg]
+        qrow = (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)
+    else:
+        qrow = n
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, D_PAD)
     mask_p = offs_p < P
@@ -35,7 +41,7 @@ def _page_scores_kernel(
     kmax = kmax.to(tl.float32)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(G):  # G is small (1..8 in practice): unrolled
-        qg = tl.load(Q + n * s_qn + g * s_qg + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        qg = tl.load(Q + qrow * s_qn + g * s_qg + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         best = tl.maximum(best, tl.sum(tl.maximum(qg * kmax, qg * kmin), 1))
     if MASKED:  # candidates: valid pages before the current one (select_pages)
         ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
@@ -44,13 +50,15 @@ def _page_scores_kernel(
     tl.store(OUT + n.to(tl.int64) * P + offs_p, best, mask=mask_p)
 
 
-def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid=None, current=None) -> torch.Tensor:
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid=None, current=None,
+                heads=None) -> torch.Tensor:
     """q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32 (see ops.page_scores_ref).
 
     With page_valid [B, >=P] bool and current (a device tensor [1]): -inf wherever a page is not a
-    candidate (invalid, or not before `current`), as ops.select_pages_ref masks."""
-    N, G, D = q.shape
-    P = kmin.shape[1]
+    candidate (invalid, or not before `current`), as ops.select_pages_ref masks. With heads [Hg]: q is
+    the layer's [B, H, G, D] query and row n = b * Hg + h reads head heads[h] of batch b."""
+    N, P, D = kmin.shape
+    G = q.shape[-2]
     out = new_output((N, P), q.device, torch.float32)
     if N == 0 or P == 0:
         return out
@@ -58,18 +66,26 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         return out.fill_(float("-inf"))  # amax over an empty group (the reference raises instead)
     # Unit stride along D lets the loads vectorise; anything else is copied once.
     q, kmin, kmax = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kmin, kmax))
+    mapped = heads is not None
+    if mapped:
+        B, H = q.shape[:2]
+        assert N == B * len(heads), "rows must be batch x heads"
+        q = q.contiguous().view(B * H, G, D)  # a no-op view for the decode query
+        map_args, rows_per_batch = (heads, H), len(heads)
+    else:
+        map_args, rows_per_batch = (out, 0), None
     masked = page_valid is not None
     if masked:
         if page_valid.dtype == torch.bool:
             page_valid = page_valid.view(torch.uint8)
         if page_valid.stride(-1) != 1:
             page_valid = page_valid.contiguous()
-        args = (page_valid, current, page_valid.stride(0), N // page_valid.shape[0])
+        args = (page_valid, current, page_valid.stride(0), rows_per_batch or N // page_valid.shape[0])
     else:
-        args = (out, out, 0, 1)  # unused (MASKED=False)
+        args = (out, out, 0, rows_per_batch or 1)  # unused (MASKED=False)
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
-        kmax.stride(0), kmax.stride(1), *args, G=G, D=D, D_PAD=max(16, next_pow2(D)), BLOCK_P=BLOCK_P,
-        MASKED=masked, num_warps=4,
+        kmax.stride(0), kmax.stride(1), *args, *map_args, G=G, D=D, D_PAD=max(16, next_pow2(D)),
+        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, num_warps=4,
     )
     return out

@@ -8,9 +8,9 @@ five more launches to mark, order and append. Here each score and its page id ar
 int64 whose signed order is (score, then lower page first), so one ``tl.sort`` orders both:
 - chunk pass: many programs, each sorts CHUNK packed scores of one row and keeps its best k (the top k
   of a row lies in the union of its chunks' top k); repeated while a row has more than FINAL entries;
-- final pass: one program per row sorts what is left, keeps the best k, and writes them as page ids in
-  ascending order, -1 for missing candidates, optionally the current page appended as the last column
-  (the unstable heads' page table, ready for attention).
+- final pass: one program per row sorts what is left and writes the best k as page ids, best first,
+  -1 for missing candidates, optionally the current page appended as the last column (the unstable
+  heads' page table, ready for attention).
 One program per row sorting a whole row (2-4k pages) was measured slower than torch.topk on the H100;
 the chunk pass is what spreads the work over the GPU.
 """
@@ -26,6 +26,7 @@ from .scores import page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
 FINAL = 512  # a row at most this long is finished by one program
+NUM_WARPS = 4
 _NEG_INF_KEY = tl.constexpr(-2139095041)  # the key of -inf: scores at or below it are no candidates
 _MASK32 = tl.constexpr(0xFFFFFFFF)
 _NOTHING = tl.constexpr(-(2**63))  # below every packed score: padding
@@ -68,12 +69,9 @@ def _final_kernel(IN, OUT, CUR, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, AP
     n = tl.program_id(0)
     offs = tl.arange(0, CH)
     x = tl.sort(_load_packed(IN, n, s_in, offs, L, FROM_SCORES), descending=True)
-    keep = (offs < k) & ((x >> 32) > _NEG_INF_KEY)
-    big = 2147483647
-    ids = tl.where(keep, ((x & _MASK32) ^ _MASK32).to(tl.int32), big)
-    ids = tl.sort(ids)  # ascending page ids, missing ones (big) last
+    ids = tl.where((x >> 32) > _NEG_INF_KEY, (x & _MASK32) ^ _MASK32, -1)  # best first, then -1
     out = OUT + n.to(tl.int64) * s_out
-    tl.store(out + offs, tl.where(ids < big, ids, -1).to(tl.int64), mask=offs < k)
+    tl.store(out + offs, ids, mask=offs < k)
     if APPEND:
         tl.store(out + k, tl.load(CUR).to(tl.int64))
 
@@ -96,16 +94,17 @@ def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None)
         n_chunks = triton.cdiv(L, chunk)
         y = torch.empty(N, n_chunks * k, device=scores.device, dtype=torch.int64)
         _chunk_kernel[(N, n_chunks)](x, y, L, x.stride(0), y.stride(0), k,
-                                     FROM_SCORES=from_scores, CH=chunk, num_warps=4)
+                                     FROM_SCORES=from_scores, CH=chunk, num_warps=NUM_WARPS)
         x, L, from_scores = y, n_chunks * k, False
     cur = append if append is not None else out
     _final_kernel[(N,)](x, out, cur, L, x.stride(0), out.stride(0), k, FROM_SCORES=from_scores,
-                        APPEND=append is not None, CH=max(16, next_pow2(L)), num_warps=4)
+                        APPEND=append is not None, CH=max(16, next_pow2(L)), num_warps=NUM_WARPS)
     return out
 
 
-def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False):
-    """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)] ascending, then -1;
-    with append_current the current page follows as one more column."""
-    scores = page_scores(q, kmin, kmax, page_valid, current)
+def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None):
+    """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)] best first, then -1;
+    with append_current the current page follows as one more column; with `heads`, q is the layer's
+    [B, H, G, D] query and the rows are its heads `heads` (read in place, no gathered copy)."""
+    scores = page_scores(q, kmin, kmax, page_valid, current, heads)
     return topk_pages(scores, k, current if append_current else None)

@@ -141,6 +141,20 @@ def test_kernel_paged_decode_attention_ignores_garbage_in_masked_tokens(v_load_m
     check(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_kernel_paged_decode_attention_split_merge(fused, monkeypatch):
+    """Splits merged by the row's last split program (arrival counters, left at zero for the next
+    launch) or by a separate merge kernel: the same result, twice in a row."""
+    monkeypatch.setattr(attention, "FUSED_MERGE", fused)
+    q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 4, 64, 16, B=2, M=7, T=120, S=8)
+    ref = ops.paged_decode_attention_ref(q, groups, kv_valid, scale)
+    for _ in range(2):
+        check(attention._paged_decode_attention(q, groups, kv_valid, scale, num_splits=4, block_t=16), ref,
+              torch.bfloat16)
+    if fused:
+        assert (attention._COUNTERS[q.device] == 0).all()
+
+
 def test_kernel_paged_decode_attention_through_ops():
     q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 3, 64, 16, B=2, M=3, T=40, S=4)
     out = ops.paged_decode_attention(q, groups, kv_valid, scale, use_kernels=True)
@@ -296,6 +310,14 @@ def test_kernel_select_pages(dtype, G):
     table = select.select_pages(q, kmin, kmax, page_valid, current, k, append_current=True)
     assert torch.equal(table, ops.select_pages_ref(q, kmin, kmax, page_valid, current, k, append_current=True))
     assert torch.equal(table[:, :-1], got) and (table[:, -1] == 31).all()
+    # rows read in place from the layer's query: heads 3 and 0 of a 4-head layer (B x 2 = N rows)
+    layer_q = torch.randn(B, 4, G, D, device=DEV).to(dtype)
+    layer_q[:, [3, 0]] = q.view(B, H, G, D)
+    heads = torch.tensor([3, 0], device=DEV)
+    mapped = select.select_pages(layer_q, kmin, kmax, page_valid, current, k, heads=heads)
+    assert torch.equal(mapped, got)
+    assert torch.equal(ops.select_pages_ref(layer_q, kmin, kmax, page_valid, current, k, heads=heads),
+                       ops.select_pages_ref(q, kmin, kmax, page_valid, current, k))
 
 
 @pytest.mark.parametrize("N,P,k", [(2, 700, 5), (3, 37, 8), (2, 20, 32), (1, 1, 1)])
