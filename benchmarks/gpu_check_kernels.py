@@ -48,6 +48,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 from flexicache_hf.kernels import _util  # noqa: E402
 from flexicache_hf.kernels import attention as KA  # noqa: E402
 from flexicache_hf.kernels import copy as KC  # noqa: E402
+from flexicache_hf.kernels import scores as KSC  # noqa: E402
 from flexicache_hf.kernels import select as KS  # noqa: E402
 
 HQ, HKV, D, PS, BUDGET = 32, 8, 128, 16, 64
@@ -144,6 +145,12 @@ class Layer:
             self.attend_stable(copy=c)
 
     def sparse_step(self):
+        """The cache's decode attention of one layer (ops.layer_decode_attention): the stable heads
+        attend on a side stream while the unstable heads select, then the unstable heads attend."""
+        return ops.layer_decode_attention(self.q, self.valid, self.scale, self.group_s(),
+                                          lambda: self.group_u(self.select()))
+
+    def sparse_step_one_stream(self):
         return self.attend(self.select())
 
     def bytes_sparse(self):
@@ -183,6 +190,7 @@ def check_layer(L: Layer):
         torch.cuda.empty_cache()
         ok &= expect("attend both groups (65/66)", L.attend(table), L.attend(table, ops.paged_decode_attention_ref))
         ok &= expect("attend stable (66 slots)", L.attend_stable(), L.attend_stable(ops.paged_decode_attention_ref))
+        ok &= expect("layer step, two streams", L.sparse_step(), L.attend(table, ops.paged_decode_attention_ref))
     finally:
         _util.POISON = False
     torch.cuda.empty_cache()
@@ -264,9 +272,8 @@ def sweep_attention():
 
 
 def sweep_select():
-    """Time the top-k tournament's knobs (chunk, final size, warps) on the whole selection and the
-    split merge (fused or a second launch) on the whole sparse step; install the best."""
-    print("== select / merge sweep (graph-replay median us)")
+    """Time the top-k tournament's knobs (chunk, final size, warps) on the whole selection; install the best."""
+    print("== select sweep (graph-replay median us)")
     shapes = {(32768, 8): Layer(32768, 8), (10240, 40): Layer(10240, 40)}
 
     def timed(fn_of_layer):
@@ -288,15 +295,17 @@ def sweep_select():
     for (chunk, final, w), t in rows[:5]:
         print(f"   chunk {chunk} final {final} warps {w}: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
     KS.CHUNK, KS.FINAL, KS.NUM_WARPS = rows[0][0]
-    for fused in (False, True):
-        KA.FUSED_MERGE = fused
-        t = timed(lambda L: L.sparse_step())
-        print(f"   sparse step, FUSED_MERGE={fused}: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
-        if fused:
-            best_fused = gm(t) <= gm(t_sep)
-        t_sep = t
-    KA.FUSED_MERGE = best_fused
-    print(f"   using CHUNK={KS.CHUNK} FINAL={KS.FINAL} NUM_WARPS={KS.NUM_WARPS} FUSED_MERGE={KA.FUSED_MERGE}")
+    rows = []
+    for bp in (16, 32, 64):
+        for w in (2, 4, 8):
+            KSC.BLOCK_P, KSC.NUM_WARPS = bp, w
+            rows.append(((bp, w), timed(lambda L: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx))))
+    rows.sort(key=lambda r: gm(r[1]))
+    for (bp, w), t in rows[:4]:
+        print(f"   scores BLOCK_P {bp} warps {w}: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
+    KSC.BLOCK_P, KSC.NUM_WARPS = rows[0][0]
+    print(f"   using CHUNK={KS.CHUNK} FINAL={KS.FINAL} NUM_WARPS={KS.NUM_WARPS}; scores BLOCK_P={KSC.BLOCK_P} "
+          f"NUM_WARPS={KSC.NUM_WARPS}")
     del shapes
     torch.cuda.empty_cache()
 
@@ -332,6 +341,7 @@ def bench_layers(free_gib):
                 row["ok"] = check_layer(L)
                 row["sparse_eager"] = ms(L.sparse_step)
                 row["sparse_graph"] = ms(L.sparse_step, graph=True)
+                row["sparse_graph_one_stream"] = ms(L.sparse_step_one_stream, graph=True)
                 row["attend_stable"] = ms(L.attend_stable)
                 table = L.select()
                 s_ = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
@@ -424,7 +434,7 @@ def main():
     ap.add_argument("--no-tests", action="store_true")
     ap.add_argument("--only-copy", action="store_true", help="only the promotion / offload bandwidth")
     ap.add_argument("--sweep", action="store_true", help="re-tune the attention launch shape first")
-    ap.add_argument("--sweep-select", action="store_true", help="re-tune the top-k tournament and split merge first")
+    ap.add_argument("--sweep-select", action="store_true", help="re-tune the top-k tournament first")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
@@ -474,26 +484,27 @@ def main():
     print(f"\n## flexicache-hf kernels on {name} (torch {torch.__version__}, triton {triton.__version__})\n")
     print(f"Unit tests on GPU: {'pass' if tests_ok else 'FAIL'}; device copy {bw / 1e12:.2f} TB/s (read+write). "
           f"Attention launch: BLOCK_T={KA.BLOCK_T} warps={KA.NUM_WARPS} stages={KA.NUM_STAGES} "
-          f"programs/SM={KA.PROGRAMS_PER_SM} PV_TF32={KA.PV_TF32} FUSED_MERGE={KA.FUSED_MERGE}. Top-k: "
-          f"CHUNK={KS.CHUNK} FINAL={KS.FINAL} warps={KS.NUM_WARPS}.\n")
+          f"programs/SM={KA.PROGRAMS_PER_SM} PV_TF32={KA.PV_TF32}. Top-k: "
+          f"CHUNK={KS.CHUNK} FINAL={KS.FINAL} warps={KS.NUM_WARPS}; scores BLOCK_P={KSC.BLOCK_P} warps={KSC.NUM_WARPS}.\n")
     print("One layer of Llama-3.1-8B decode (32 q / 8 KV heads, D=128, bf16, budget 64 pages of 16; sparse = "
-          "2 unstable KV heads score+topk 65 pages, 6 stable heads 66 slots, one attention launch for both). Times in us (medians); "
+          "2 unstable KV heads score+topk 65 pages, 6 stable heads 66 slots; the stable heads attend on a side stream while the unstable heads select, as the cache does; 'one stream': select, then one attention launch for both). Times in us (medians); "
           "eager = do_bench (L2 flushed, Python launch cost included), graph = CUDA-graph replay (GPU time); "
           "GB/s over the bytes that must be read; host us = CPU time to enqueue one eager sparse step.\n")
     print("| ctx | batch | check | dense eager | sparse eager | speedup eager | dense graph | sparse graph "
-          "| speedup graph | sparse GB/s (graph) | host us / sparse step | stable attend us eager / graph "
+          "| speedup graph | sparse graph, one stream | sparse GB/s (graph) | host us / sparse step | stable attend us eager / graph "
           "| stable attend GB/s, graph (% of 3 TB/s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in layers:
         if "skip" in r:
-            print(f"| {r['ctx']} | {r['B']} | skipped: {r['skip']} |" + " |" * 10)
+            print(f"| {r['ctx']} | {r['B']} | skipped: {r['skip']} |" + " |" * 11)
             continue
         us = lambda k_: r[k_] * 1e3  # noqa: E731
         gbs = r["bytes_sparse"] / (r["sparse_graph"] * 1e-3) / 1e9
         att = r["bytes_stable"] / (r["attend_stable_graph"] * 1e-3)
         print(f"| {r['ctx']} | {r['B']} | {'ok' if r['ok'] else 'FAIL'} | {us('dense'):.0f} ({r['dense_kind']}) "
               f"| {us('sparse_eager'):.0f} | {r['dense'] / r['sparse_eager']:.1f}x | {us('dense_graph'):.0f} "
-              f"| {us('sparse_graph'):.0f} | {r['dense_graph'] / r['sparse_graph']:.1f}x | {gbs:.0f} "
+              f"| {us('sparse_graph'):.0f} | {r['dense_graph'] / r['sparse_graph']:.1f}x "
+              f"| {us('sparse_graph_one_stream'):.0f} | {gbs:.0f} "
               f"| {r['cpu_us']:.0f} | {us('attend_stable'):.1f} / {us('attend_stable_graph'):.1f} "
               f"| {att / 1e9:.0f} ({100 * att / BW_NOMINAL:.0f}%) |")
     if not any("skip" in r for r in layers):

@@ -15,6 +15,7 @@ import triton.language as tl
 from ._util import new_output, next_pow2
 
 BLOCK_P = 16
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -86,6 +87,6 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         kmax.stride(0), kmax.stride(1), *args, *map_args, G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, num_warps=4,
+        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, num_warps=NUM_WARPS,
     )
     return out

@@ -26,7 +26,7 @@ from .scores import page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
 FINAL = 512  # a row at most this long is finished by one program
-NUM_WARPS = 4
+NUM_WARPS = 8  # measured best for the sorts on the H100 (benchmarks/gpu_check_kernels.py --sweep-select)
 _NEG_INF_KEY = tl.constexpr(-2139095041)  # the key of -inf: scores at or below it are no candidates
 _MASK32 = tl.constexpr(0xFFFFFFFF)
 _NOTHING = tl.constexpr(-(2**63))  # below every packed score: padding

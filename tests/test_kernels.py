@@ -141,18 +141,19 @@ def test_kernel_paged_decode_attention_ignores_garbage_in_masked_tokens(v_load_m
     check(out, ref, torch.float32)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_kernel_paged_decode_attention_split_merge(fused, monkeypatch):
-    """Splits merged by the row's last split program (arrival counters, left at zero for the next
-    launch) or by a separate merge kernel: the same result, twice in a row."""
-    monkeypatch.setattr(attention, "FUSED_MERGE", fused)
+def test_kernel_paged_decode_attention_into_out():
+    """out=: each launch writes only its group's heads (the cache runs the two groups on two streams)."""
     q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 4, 64, 16, B=2, M=7, T=120, S=8)
     ref = ops.paged_decode_attention_ref(q, groups, kv_valid, scale)
-    for _ in range(2):
-        check(attention._paged_decode_attention(q, groups, kv_valid, scale, num_splits=4, block_t=16), ref,
-              torch.bfloat16)
-    if fused:
-        assert (attention._COUNTERS[q.device] == 0).all()
+    out = torch.full_like(q, 7.0)
+    for g in groups:
+        attention._paged_decode_attention(q, [g], kv_valid, scale, out, num_splits=3, block_t=16)
+    check(out, ref, torch.bfloat16)
+    out = torch.full_like(q, 7.0)
+    attention.paged_decode_attention(q, groups[1:], kv_valid, scale, out)
+    assert (out[:, groups[0].heads] == 7.0).all()
+    again = ops.paged_decode_attention_ref(q, groups[1:], kv_valid, scale, torch.full_like(q, 7.0))
+    check(out, again, torch.bfloat16)
 
 
 def test_kernel_paged_decode_attention_through_ops():
