@@ -324,10 +324,12 @@ def cpu_overhead_us(fn, n=200):
     return dt / n * 1e6
 
 
-def bench_layers(free_gib):
+def bench_layers(free_gib, shapes=None):
     results = []
     for ctx in CONTEXTS:
         for B in BATCHES:
+            if shapes and (ctx, B) not in shapes:
+                continue
             need = Layer.gib_needed(ctx, B)
             row = dict(ctx=ctx, B=B)
             if need > free_gib * 0.9:
@@ -435,6 +437,7 @@ def main():
     ap.add_argument("--only-copy", action="store_true", help="only the promotion / offload bandwidth")
     ap.add_argument("--sweep", action="store_true", help="re-tune the attention launch shape first")
     ap.add_argument("--sweep-select", action="store_true", help="re-tune the top-k tournament first")
+    ap.add_argument("--shapes", default="", help="only these ctx x batch, e.g. 32768x8,10240x40")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
@@ -473,7 +476,8 @@ def main():
             traceback.print_exc()
             print("   sweep failed: keeping the default launch shape")
     free = torch.cuda.mem_get_info()[0] / GIB
-    layers = bench_layers(free)
+    shapes = {tuple(int(x) for x in s_.split("x")) for s_ in args.shapes.split(",") if s_}
+    layers = bench_layers(free, shapes)
     try:
         copy_ok, copy_bw = bench_copy()
     except Exception:

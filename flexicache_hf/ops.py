@@ -235,23 +235,23 @@ def layer_decode_attention(q, kv_valid, scale, stable: PageGroup | None, select_
     """Decode attention of a layer: q [B, H, G, D] -> [B, H, G, D].
 
     `stable`: the stable heads' group (needs no selection between reranks); `select_unstable()`: selects
-    the unstable heads' pages and returns their group. With kernels on CUDA and both groups, the stable
-    heads attend on a side stream while the unstable heads score and select (a chain of small, latency-
-    bound launches that leaves most of the GPU idle), then the unstable heads attend; the two write
-    disjoint heads of one output. Elsewhere both groups go to one launch after the selection.
+    the unstable heads' pages and returns their group. With kernels on CUDA and both groups, the unstable
+    heads score, select and attend on a high-priority side stream (a chain of small, latency-bound
+    launches) while the stable heads attend on the main stream; the two write disjoint heads of one
+    output. Elsewhere both groups go to one launch after the selection.
     """
     if stable is None or select_unstable is None or q.device.type != "cuda" or not kernels_available(q.device, use_kernels):
         groups = [g for g in ((select_unstable() if select_unstable else None), stable) if g is not None]
         return paged_decode_attention(q, groups, kv_valid, scale, use_kernels)
     main = torch.cuda.current_stream(q.device)
     side = _SIDE_STREAMS.get(q.device)
-    if side is None:
-        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(q.device)
+    if side is None:  # high priority: the selection chain gets SMs as soon as any free up
+        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(q.device, priority=-1)
     out = torch.empty_like(q)  # made on the main stream, which waits for the side stream before going on
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        paged_decode_attention(q, [stable], kv_valid, scale, use_kernels, out)
-    paged_decode_attention(q, [select_unstable()], kv_valid, scale, use_kernels, out)
+        paged_decode_attention(q, [select_unstable()], kv_valid, scale, use_kernels, out)
+    paged_decode_attention(q, [stable], kv_valid, scale, use_kernels, out)
     main.wait_stream(side)
     return out
 
