@@ -145,12 +145,7 @@ class Layer:
             self.attend_stable(copy=c)
 
     def sparse_step(self):
-        """The cache's decode attention of one layer (ops.layer_decode_attention): the stable heads
-        attend on a side stream while the unstable heads select, then the unstable heads attend."""
-        return ops.layer_decode_attention(self.q, self.valid, self.scale, self.group_s(),
-                                          lambda: self.group_u(self.select()))
-
-    def sparse_step_one_stream(self):
+        """The cache's decode attention of one layer (FlexiCacheLayer._decode between reranks)."""
         return self.attend(self.select())
 
     def bytes_sparse(self):
@@ -190,7 +185,6 @@ def check_layer(L: Layer):
         torch.cuda.empty_cache()
         ok &= expect("attend both groups (65/66)", L.attend(table), L.attend(table, ops.paged_decode_attention_ref))
         ok &= expect("attend stable (66 slots)", L.attend_stable(), L.attend_stable(ops.paged_decode_attention_ref))
-        ok &= expect("layer step, two streams", L.sparse_step(), L.attend(table, ops.paged_decode_attention_ref))
     finally:
         _util.POISON = False
     torch.cuda.empty_cache()
@@ -343,7 +337,6 @@ def bench_layers(free_gib, shapes=None):
                 row["ok"] = check_layer(L)
                 row["sparse_eager"] = ms(L.sparse_step)
                 row["sparse_graph"] = ms(L.sparse_step, graph=True)
-                row["sparse_graph_one_stream"] = ms(L.sparse_step_one_stream, graph=True)
                 row["attend_stable"] = ms(L.attend_stable)
                 table = L.select()
                 s_ = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
@@ -491,24 +484,23 @@ def main():
           f"programs/SM={KA.PROGRAMS_PER_SM} PV_TF32={KA.PV_TF32}. Top-k: "
           f"CHUNK={KS.CHUNK} FINAL={KS.FINAL} warps={KS.NUM_WARPS}; scores BLOCK_P={KSC.BLOCK_P} warps={KSC.NUM_WARPS}.\n")
     print("One layer of Llama-3.1-8B decode (32 q / 8 KV heads, D=128, bf16, budget 64 pages of 16; sparse = "
-          "2 unstable KV heads score+topk 65 pages, 6 stable heads 66 slots; the stable heads attend on a side stream while the unstable heads select, as the cache does; 'one stream': select, then one attention launch for both). Times in us (medians); "
+          "2 unstable KV heads score+topk 65 pages, 6 stable heads 66 slots, one attention launch for both). Times in us (medians); "
           "eager = do_bench (L2 flushed, Python launch cost included), graph = CUDA-graph replay (GPU time); "
           "GB/s over the bytes that must be read; host us = CPU time to enqueue one eager sparse step.\n")
     print("| ctx | batch | check | dense eager | sparse eager | speedup eager | dense graph | sparse graph "
-          "| speedup graph | sparse graph, one stream | sparse GB/s (graph) | host us / sparse step | stable attend us eager / graph "
+          "| speedup graph | sparse GB/s (graph) | host us / sparse step | stable attend us eager / graph "
           "| stable attend GB/s, graph (% of 3 TB/s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in layers:
         if "skip" in r:
-            print(f"| {r['ctx']} | {r['B']} | skipped: {r['skip']} |" + " |" * 11)
+            print(f"| {r['ctx']} | {r['B']} | skipped: {r['skip']} |" + " |" * 10)
             continue
         us = lambda k_: r[k_] * 1e3  # noqa: E731
         gbs = r["bytes_sparse"] / (r["sparse_graph"] * 1e-3) / 1e9
         att = r["bytes_stable"] / (r["attend_stable_graph"] * 1e-3)
         print(f"| {r['ctx']} | {r['B']} | {'ok' if r['ok'] else 'FAIL'} | {us('dense'):.0f} ({r['dense_kind']}) "
               f"| {us('sparse_eager'):.0f} | {r['dense'] / r['sparse_eager']:.1f}x | {us('dense_graph'):.0f} "
-              f"| {us('sparse_graph'):.0f} | {r['dense_graph'] / r['sparse_graph']:.1f}x "
-              f"| {us('sparse_graph_one_stream'):.0f} | {gbs:.0f} "
+              f"| {us('sparse_graph'):.0f} | {r['dense_graph'] / r['sparse_graph']:.1f}x | {gbs:.0f} "
               f"| {r['cpu_us']:.0f} | {us('attend_stable'):.1f} / {us('attend_stable_graph'):.1f} "
               f"| {att / 1e9:.0f} ({100 * att / BW_NOMINAL:.0f}%) |")
     if not any("skip" in r for r in layers):

@@ -332,18 +332,20 @@ class FlexiCacheLayer(CacheLayerMixin):
         current = self.pos_t // self.cfg.page_size  # the page that holds the new token, [1] on the device
         B, Hq, _, D = query.shape
         q = query.reshape(B, self.num_kv_heads, Hq // self.num_kv_heads, D)
-        unstable = stable = None
+        groups = []
         if self.dense is not None:  # unstable heads: select every step; the current page is the last entry
-            def unstable():
-                table = self._select(q, self.u_idx, self.dense, current, append_current=True)
-                if self.calibration is not None:
-                    self.calibration.record(self.layer_idx, table[..., :-1], self.length // self.cfg.page_size)
-                return ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False)
+            table = self._select(q, self.u_idx, self.dense, current, append_current=True)
+            if self.calibration is not None:
+                self.calibration.record(self.layer_idx, table[..., :-1], self.length // self.cfg.page_size)
+            groups.append(ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False))
         if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
                 self.offloaded.promote(self._select(q, self.s_idx, self.offloaded, current), current)
-            stable = ops.PageGroup(*self.offloaded.slot_pools(), self.offloaded.slot_page, self.s_idx, by_entry=True)
-        out = ops.layer_decode_attention(q, self.kv_valid, scale, stable, unstable, self.cfg.use_kernels)
+            groups.append(ops.PageGroup(*self.offloaded.slot_pools(), self.offloaded.slot_page, self.s_idx,
+                                        by_entry=True))
+        # both head groups in one launch; a second stream running the unstable heads' selection beside
+        # the stable heads' attention measured 0-10% faster per layer in CUDA graphs and added host time
+        out = ops.paged_decode_attention(q, groups, self.kv_valid, scale, self.cfg.use_kernels)
         self.pos_t.add_(1)
         self.advance_decode(flags)
         if self.calibration is not None and self.calibration.ready() and self.layer_idx == self.calibration.num_layers - 1:

@@ -137,13 +137,12 @@ class PageGroup(NamedTuple):
     by_entry: bool
 
 
-def paged_decode_attention_ref(q: torch.Tensor, groups, kv_valid: torch.Tensor, scale: float, out=None) -> torch.Tensor:
+def paged_decode_attention_ref(q: torch.Tensor, groups, kv_valid: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode attention of every head of a layer: q [B, H, G, D], groups: PageGroups (each head in at
-    most one), kv_valid [B, T] -> [B, H, G, D] (sparse_decode_attention_ref per group, with the slots the
-    group's addressing gives). Written into `out` if given (heads in no group keep their values), else
-    into a new tensor (heads in no group are zeros)."""
+    most one; heads in none get zeros), kv_valid [B, T] -> [B, H, G, D] (sparse_decode_attention_ref per
+    group, with the slots the group's addressing gives)."""
     B, H, G, D = q.shape
-    out = torch.zeros_like(q) if out is None else out
+    out = torch.zeros_like(q)
     for g in groups:
         Hg, M = g.page_ids.shape[1:]
         rows = B * Hg
@@ -224,36 +223,8 @@ def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, he
                 append_current, heads)
 
 
-def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto", out=None):
-    return _run("paged_decode_attention", paged_decode_attention_ref, q, use_kernels, q, groups, kv_valid, scale, out)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def layer_decode_attention(q, kv_valid, scale, stable: PageGroup | None, select_unstable, use_kernels="auto"):
-    """Decode attention of a layer: q [B, H, G, D] -> [B, H, G, D].
-
-    `stable`: the stable heads' group (needs no selection between reranks); `select_unstable()`: selects
-    the unstable heads' pages and returns their group. With kernels on CUDA and both groups, the unstable
-    heads score, select and attend on a high-priority side stream (a chain of small, latency-bound
-    launches) while the stable heads attend on the main stream; the two write disjoint heads of one
-    output. Elsewhere both groups go to one launch after the selection.
-    """
-    if stable is None or select_unstable is None or q.device.type != "cuda" or not kernels_available(q.device, use_kernels):
-        groups = [g for g in ((select_unstable() if select_unstable else None), stable) if g is not None]
-        return paged_decode_attention(q, groups, kv_valid, scale, use_kernels)
-    main = torch.cuda.current_stream(q.device)
-    side = _SIDE_STREAMS.get(q.device)
-    if side is None:  # high priority: the selection chain gets SMs as soon as any free up
-        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(q.device, priority=-1)
-    out = torch.empty_like(q)  # made on the main stream, which waits for the side stream before going on
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        paged_decode_attention(q, [select_unstable()], kv_valid, scale, use_kernels, out)
-    paged_decode_attention(q, [stable], kv_valid, scale, use_kernels, out)
-    main.wait_stream(side)
-    return out
+def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):
+    return _run("paged_decode_attention", paged_decode_attention_ref, q, use_kernels, q, groups, kv_valid, scale)
 
 
 def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):

@@ -207,22 +207,18 @@ def _split_plan(n_rows: int, tokens: int, block_t: int, device, num_splits: int 
     return triton.cdiv(n_blocks, blocks_per_split), blocks_per_split * block_t
 
 
-def _paged_decode_attention(q, groups, kv_valid, scale, out=None, *,
+def _paged_decode_attention(q, groups, kv_valid, scale, *,
                             num_splits=None, block_t=None, num_warps=None, num_stages=None):
     """paged_decode_attention with launch knobs exposed (tests and the benchmark sweep use them)."""
     B, H, G, D = q.shape
     assert 1 <= len(groups) <= 2, "one or two head groups per launch"
     T = kv_valid.shape[1]
-    if out is None:
-        covered = sum(len(g.heads) for g in groups)
-        out = new_output(q.shape, q.device, q.dtype) if covered == H else torch.zeros_like(q)
-    assert out.shape == q.shape and out.is_contiguous() and out.dtype == q.dtype
+    covered = sum(len(g.heads) for g in groups)
+    out = new_output(q.shape, q.device, q.dtype) if covered == H else torch.zeros_like(q)
     rows = [B * len(g.heads) for g in groups]
     Ms = [g.page_ids.shape[-1] for g in groups]
     if sum(rows) == 0 or T == 0:
-        for g in groups:
-            out[:, g.heads] = 0
-        return out
+        return out.zero_()
     k_pool = groups[0].k_pool
     PS = k_pool.shape[1]
     assert PS & (PS - 1) == 0, "page_size must be a power of two"
@@ -268,10 +264,10 @@ def _paged_decode_attention(q, groups, kv_valid, scale, out=None, *,
     return out
 
 
-def paged_decode_attention(q, groups, kv_valid, scale, out=None):
+def paged_decode_attention(q, groups, kv_valid, scale):
     """Decode attention of one query token per head over per-row page tables, all head groups in one launch.
 
     q [B, H, G, D]; groups: one or two ops.PageGroup; kv_valid [B, T] bool. Returns [B, H, G, D] in q's
-    dtype, written into `out` if given (see ops.paged_decode_attention_ref).
+    dtype (see ops.paged_decode_attention_ref).
     """
-    return _paged_decode_attention(q, groups, kv_valid, scale, out)
+    return _paged_decode_attention(q, groups, kv_valid, scale)

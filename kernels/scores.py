@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._util import new_output, next_pow2
 
-BLOCK_P = 16
+BLOCK_P = 32  # pages per program; measured best with 4 warps (gpu_check_kernels.py --sweep-select)
 NUM_WARPS = 4
 
 

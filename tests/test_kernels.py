@@ -141,21 +141,6 @@ def test_kernel_paged_decode_attention_ignores_garbage_in_masked_tokens(v_load_m
     check(out, ref, torch.float32)
 
 
-def test_kernel_paged_decode_attention_into_out():
-    """out=: each launch writes only its group's heads (the cache runs the two groups on two streams)."""
-    q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 4, 64, 16, B=2, M=7, T=120, S=8)
-    ref = ops.paged_decode_attention_ref(q, groups, kv_valid, scale)
-    out = torch.full_like(q, 7.0)
-    for g in groups:
-        attention._paged_decode_attention(q, [g], kv_valid, scale, out, num_splits=3, block_t=16)
-    check(out, ref, torch.bfloat16)
-    out = torch.full_like(q, 7.0)
-    attention.paged_decode_attention(q, groups[1:], kv_valid, scale, out)
-    assert (out[:, groups[0].heads] == 7.0).all()
-    again = ops.paged_decode_attention_ref(q, groups[1:], kv_valid, scale, torch.full_like(q, 7.0))
-    check(out, again, torch.bfloat16)
-
-
 def test_kernel_paged_decode_attention_through_ops():
     q, groups, kv_valid, scale = make_attention_case(torch.bfloat16, 3, 64, 16, B=2, M=3, T=40, S=4)
     out = ops.paged_decode_attention(q, groups, kv_valid, scale, use_kernels=True)
