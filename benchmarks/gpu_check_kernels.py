@@ -127,7 +127,8 @@ class Layer:
                               append_current=True, heads=self.u_idx)
 
     def group_u(self, table):
-        return ops.PageGroup(self.k_u, self.v_u, table.view(self.B, H_UNSTABLE, -1), self.u_idx, by_entry=False)
+        return ops.PageGroup(self.k_u, self.v_u, table.view(self.B, H_UNSTABLE, -1), self.u_idx, by_entry=False,
+                             pending=True)
 
     def group_s(self, copy=0):
         return ops.PageGroup(self.k_s[copy], self.v_s[copy], self.pids_s, self.s_idx, by_entry=True)
@@ -337,6 +338,9 @@ def bench_layers(free_gib, shapes=None):
                 row["ok"] = check_layer(L)
                 row["sparse_eager"] = ms(L.sparse_step)
                 row["sparse_graph"] = ms(L.sparse_step, graph=True)
+                _util.PDL = False  # the same chain in plain stream order
+                row["sparse_graph_no_pdl"] = ms(L.sparse_step, graph=True)
+                _util.PDL = True
                 row["attend_stable"] = ms(L.attend_stable)
                 table = L.select()
                 s_ = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
@@ -488,19 +492,20 @@ def main():
           "eager = do_bench (L2 flushed, Python launch cost included), graph = CUDA-graph replay (GPU time); "
           "GB/s over the bytes that must be read; host us = CPU time to enqueue one eager sparse step.\n")
     print("| ctx | batch | check | dense eager | sparse eager | speedup eager | dense graph | sparse graph "
-          "| speedup graph | sparse GB/s (graph) | host us / sparse step | stable attend us eager / graph "
+          "| speedup graph | sparse graph without PDL | sparse GB/s (graph) | host us / sparse step | stable attend us eager / graph "
           "| stable attend GB/s, graph (% of 3 TB/s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in layers:
         if "skip" in r:
-            print(f"| {r['ctx']} | {r['B']} | skipped: {r['skip']} |" + " |" * 10)
+            print(f"| {r['ctx']} | {r['B']} | skipped: {r['skip']} |" + " |" * 11)
             continue
         us = lambda k_: r[k_] * 1e3  # noqa: E731
         gbs = r["bytes_sparse"] / (r["sparse_graph"] * 1e-3) / 1e9
         att = r["bytes_stable"] / (r["attend_stable_graph"] * 1e-3)
         print(f"| {r['ctx']} | {r['B']} | {'ok' if r['ok'] else 'FAIL'} | {us('dense'):.0f} ({r['dense_kind']}) "
               f"| {us('sparse_eager'):.0f} | {r['dense'] / r['sparse_eager']:.1f}x | {us('dense_graph'):.0f} "
-              f"| {us('sparse_graph'):.0f} | {r['dense_graph'] / r['sparse_graph']:.1f}x | {gbs:.0f} "
+              f"| {us('sparse_graph'):.0f} | {r['dense_graph'] / r['sparse_graph']:.1f}x "
+              f"| {us('sparse_graph_no_pdl'):.0f} | {gbs:.0f} "
               f"| {r['cpu_us']:.0f} | {us('attend_stable'):.1f} / {us('attend_stable_graph'):.1f} "
               f"| {att / 1e9:.0f} ({100 * att / BW_NOMINAL:.0f}%) |")
     if not any("skip" in r for r in layers):

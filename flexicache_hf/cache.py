@@ -337,7 +337,7 @@ class FlexiCacheLayer(CacheLayerMixin):
             table = self._select(q, self.u_idx, self.dense, current, append_current=True)
             if self.calibration is not None:
                 self.calibration.record(self.layer_idx, table[..., :-1], self.length // self.cfg.page_size)
-            groups.append(ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False))
+            groups.append(ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False, pending=True))
         if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
                 self.offloaded.promote(self._select(q, self.s_idx, self.offloaded, current), current)

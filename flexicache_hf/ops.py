@@ -135,6 +135,9 @@ class PageGroup(NamedTuple):
     page_ids: torch.Tensor
     heads: torch.Tensor
     by_entry: bool
+    # the page table comes from the kernel launched just before (the unstable heads' selection): with
+    # programmatic dependent launch only this group waits for it, the others start reading at once
+    pending: bool = False
 
 
 def paged_decode_attention_ref(q: torch.Tensor, groups, kv_valid: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,6 +22,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Programmatic dependent launch (Hopper+): a kernel of the decode chain may start while the one before it
+# finishes; it waits (gdc_wait) before it reads that kernel's output or writes any memory (the caching
+# allocator may hand it a block the previous kernel still uses). False: plain stream order.
+PDL = True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether decode-chain kernels on `device` launch with programmatic dependent launch."""
+    if not PDL or device.type != "cuda" or interpreting():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
 def num_sms(device: torch.device) -> int:
     """Multiprocessor count (cached: the property query is slow); 4 off the GPU (interpreter)."""
     if device.type != "cuda":

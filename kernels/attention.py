@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import interpreting, new_output, next_pow2, num_sms
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ._util import interpreting, new_output, next_pow2, num_sms, pdl
 
 LOG2E = 1.4426950408889634
 
@@ -74,16 +76,19 @@ def _row(n, N0, HG0, HG1, HEADS0, HEADS1, H):
 @triton.jit
 def _attn_split_kernel(
     Q, OUT, O_PART, LSE, VALID,
-    K0, V0, PIDS0, HEADS0, N0, M0, HG0, RS0, BY_ENTRY0,
-    K1, V1, PIDS1, HEADS1, M1, HG1, RS1, BY_ENTRY1,
+    K0, V0, PIDS0, HEADS0, N0, M0, HG0, RS0, BY_ENTRY0, PENDING0,
+    K1, V1, PIDS1, HEADS1, M1, HG1, RS1, BY_ENTRY1, PENDING1,
     qk_scale, H, T, tokens_per_split, n_splits, s_kp, s_kt,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     PS: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-    PV_TF32: tl.constexpr, V_LOAD_MASK: tl.constexpr,
+    PV_TF32: tl.constexpr, V_LOAD_MASK: tl.constexpr, PDL: tl.constexpr,
 ):
     n = tl.program_id(0)
     split = tl.program_id(1)
     grp, r, b, qrow = _row(n, N0, HG0, HG1, HEADS0, HEADS1, H)
+    if PDL:  # launched early: a group whose page table the kernel before is still writing waits for it;
+        if tl.where(grp == 0, PENDING0, PENDING1) != 0:  # the other group reads while that kernel runs
+            gdc_wait()
     # the row's group: its pools, page table, length and addressing (scalar selects, no divergence)
     if grp == 0:
         Kp, Vp, Pp = K0, V0, PIDS0
@@ -152,6 +157,9 @@ def _attn_split_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]  # rows with nothing valid: acc = 0 -> zeros, like the reference
+    if PDL:  # no write before the kernel before has finished: our buffers may be blocks it used
+        gdc_wait()
+        gdc_launch_dependents()
     if SPLIT:
         base = n * n_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
@@ -190,8 +198,10 @@ def _merge_row(O_PART, LSE, OUT, n, qrow, n_splits,
 @triton.jit
 def _attn_merge_kernel(
     O_PART, LSE, OUT, n_splits, N0, HG0, HG1, HEADS0, HEADS1, H,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
     n = tl.program_id(0)
     qrow = _row(n, N0, HG0, HG1, HEADS0, HEADS1, H)[3]
     _merge_row(O_PART, LSE, OUT, n, qrow, n_splits, G, G_PAD, D, D_PAD)
@@ -232,10 +242,11 @@ def _paged_decode_attention(q, groups, kv_valid, scale, *,
     flat = []
     for g, n in zip(groups, rows):
         flat.append((g.k_pool, g.v_pool, g.page_ids.contiguous(), g.heads.contiguous(),
-                     g.k_pool.shape[0] // max(1, n), int(g.by_entry)))
+                     g.k_pool.shape[0] // max(1, n), int(g.by_entry), int(g.pending)))
     g0 = flat[0]
     g1 = flat[1] if len(flat) > 1 else g0
 
+    use_pdl = pdl(q.device)
     d_pad = max(16, next_pow2(D))
     block_t = block_t or max(16, min(BLOCK_T, TILE_BYTES // (d_pad * k_pool.element_size())))
     N = sum(rows)
@@ -250,17 +261,18 @@ def _paged_decode_attention(q, groups, kv_valid, scale, *,
     hg0, hg1 = len(groups[0].heads), len(groups[-1].heads)
     _attn_split_kernel[(N, splits)](
         q, out, o_part, lse, kv_valid,
-        g0[0], g0[1], g0[2], g0[3], rows[0], Ms[0], hg0, g0[4], g0[5],
-        g1[0], g1[1], g1[2], g1[3], Ms[-1], hg1, g1[4], g1[5],
+        g0[0], g0[1], g0[2], g0[3], rows[0], Ms[0], hg0, g0[4], g0[5], g0[6],
+        g1[0], g1[1], g1[2], g1[3], Ms[-1], hg1, g1[4], g1[5], g1[6],
         float(scale) * LOG2E, H, T, per_split, splits, PS * D, D,
         G=G, G_PAD=g_pad, D=D, D_PAD=d_pad, PS=PS, BLOCK_T=block_t, SPLIT=splits > 1, F32=f32,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, PV_TF32=PV_TF32,
-        V_LOAD_MASK=V_LOAD_MASK,
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        V_LOAD_MASK=V_LOAD_MASK, PDL=use_pdl,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, launch_pdl=use_pdl,
     )
     if splits > 1:
         _attn_merge_kernel[(N,)](o_part, lse, out, splits, rows[0], hg0, hg1, g0[3], g1[3], H,
-                                 G=G, G_PAD=next_pow2(G), D=D, D_PAD=d_pad, num_warps=4)
+                                 G=G, G_PAD=next_pow2(G), D=D, D_PAD=d_pad, PDL=use_pdl, num_warps=4,
+                                 launch_pdl=use_pdl)
     return out
 
 

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import new_output, next_pow2
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ._util import new_output, next_pow2, pdl
 
 BLOCK_P = 32  # pages per program; measured best with 4 warps (gpu_check_kernels.py --sweep-select)
 NUM_WARPS = 4
@@ -23,8 +25,11 @@ def _page_scores_kernel(
     Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, VALID, CURRENT, s_vb, rows_per_batch,
     HEADS, H,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr,
-    MAPPED: tl.constexpr,
+    MAPPED: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched early: wait for the kernels before (they wrote q, the metadata), let the next launch
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.program_id(0)
     if MAPPED:  # q is the layer's [B, H, G, D] query; row n is batch n // Hg, head HEADS[n % Hg]
         qrow = (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)
@@ -87,6 +92,7 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         kmax.stride(0), kmax.stride(1), *args, *map_args, G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, num_warps=NUM_WARPS,
+        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, PDL=pdl(q.device), num_warps=NUM_WARPS,
+        launch_pdl=pdl(q.device),
     )
     return out

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import next_pow2
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ._util import next_pow2, pdl
 from .scores import page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
@@ -54,7 +56,10 @@ def _load_packed(IN, n, s_in, offs, L, FROM_SCORES: tl.constexpr):
 
 
 @triton.jit
-def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.constexpr):
+def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched early: wait for the kernel before (its scores or packed keys), let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.program_id(0)
     c = tl.program_id(1)
     offs = c * CH + tl.arange(0, CH)
@@ -65,7 +70,10 @@ def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.
 
 @triton.jit
 def _final_kernel(IN, OUT, CUR, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, APPEND: tl.constexpr,
-                  CH: tl.constexpr):
+                  CH: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.program_id(0)
     offs = tl.arange(0, CH)
     x = tl.sort(_load_packed(IN, n, s_in, offs, L, FROM_SCORES), descending=True)
@@ -89,16 +97,18 @@ def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None)
         return out
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
     x, L, from_scores = scores, P, True
+    use_pdl = pdl(scores.device)
     chunk, final = max(CHUNK, next_pow2(2 * k)), max(FINAL, next_pow2(2 * k))
     while L > final:
         n_chunks = triton.cdiv(L, chunk)
         y = torch.empty(N, n_chunks * k, device=scores.device, dtype=torch.int64)
-        _chunk_kernel[(N, n_chunks)](x, y, L, x.stride(0), y.stride(0), k,
-                                     FROM_SCORES=from_scores, CH=chunk, num_warps=NUM_WARPS)
+        _chunk_kernel[(N, n_chunks)](x, y, L, x.stride(0), y.stride(0), k, FROM_SCORES=from_scores, CH=chunk,
+                                     PDL=use_pdl, num_warps=NUM_WARPS, launch_pdl=use_pdl)
         x, L, from_scores = y, n_chunks * k, False
     cur = append if append is not None else out
     _final_kernel[(N,)](x, out, cur, L, x.stride(0), out.stride(0), k, FROM_SCORES=from_scores,
-                        APPEND=append is not None, CH=max(16, next_pow2(L)), num_warps=NUM_WARPS)
+                        APPEND=append is not None, CH=max(16, next_pow2(L)), PDL=use_pdl, num_warps=NUM_WARPS,
+                        launch_pdl=use_pdl)
     return out
 
 
