@@ -291,6 +291,24 @@ def sweep_select():
         print(f"   chunk {chunk} final {final} warps {w}: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
     KS.CHUNK, KS.FINAL, KS.NUM_WARPS = rows[0][0]
     rows = []
+    for bt in (32, 64, 128):
+        for w in (4, 8):
+            for st in (2, 3):
+                for pps in (2, 4, 8, 16):
+                    KA.BLOCK_T, KA.NUM_WARPS, KA.NUM_STAGES, KA.PROGRAMS_PER_SM = bt, w, st, pps
+                    try:
+                        rows.append(((bt, w, st, pps), timed(lambda L: L.sparse_step())))
+                    except Exception as e:
+                        print(f"   attention {bt}/{w}/{st}/{pps}: {type(e).__name__}: {str(e)[:80]}")
+    for key in shapes:
+        best = sorted(rows, key=lambda r: r[1][key])[:3]
+        print(f"   whole step at {key}, best attention BLOCK_T/warps/stages/programs per SM: "
+              + "; ".join(f"{c} {t[key]:.1f}" for c, t in best))
+    rows.sort(key=lambda r: gm(r[1]))
+    print("   best by geometric mean: " + "; ".join(f"{c} " + ", ".join(f"{v_:.1f}" for v_ in t.values())
+                                                  for c, t in rows[:3]))
+    KA.BLOCK_T, KA.NUM_WARPS, KA.NUM_STAGES, KA.PROGRAMS_PER_SM = 128, 4, 2, 8
+    rows = []
     for bp in (16, 32, 64):
         for w in (2, 4, 8):
             KSC.BLOCK_P, KSC.NUM_WARPS = bp, w
