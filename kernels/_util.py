@@ -7,6 +7,11 @@ import os
 
 import torch
 
+try:  # Triton >= 3.3 on Hopper and later: programmatic dependent launch
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401 (kernels import them)
+except ImportError:  # older Triton: kernels are compiled with PDL=False and never reach these names
+    gdc_launch_dependents = gdc_wait = None
+
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1, where kernels run on numpy over CPU memory."""
@@ -33,11 +38,12 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
-def pdl(device: torch.device) -> bool:
-    """Whether decode-chain kernels on `device` launch with programmatic dependent launch."""
-    if not PDL or device.type != "cuda" or interpreting():
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+def pdl(device: torch.device) -> dict:
+    """Launch arguments of a decode-chain kernel on `device`: with programmatic dependent launch (the
+    kernel's PDL constexpr and the launch option) where the GPU and Triton support it."""
+    on = (PDL and gdc_wait is not None and device.type == "cuda" and not interpreting()
+          and _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def num_sms(device: torch.device) -> int:

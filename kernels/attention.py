@@ -25,9 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from ._util import interpreting, new_output, next_pow2, num_sms, pdl
+from ._util import gdc_launch_dependents, gdc_wait, interpreting, new_output, next_pow2, num_sms, pdl
 
 LOG2E = 1.4426950408889634
 
@@ -246,7 +244,7 @@ def _paged_decode_attention(q, groups, kv_valid, scale, *,
     g0 = flat[0]
     g1 = flat[1] if len(flat) > 1 else g0
 
-    use_pdl = pdl(q.device)
+    launch = pdl(q.device)
     d_pad = max(16, next_pow2(D))
     block_t = block_t or max(16, min(BLOCK_T, TILE_BYTES // (d_pad * k_pool.element_size())))
     N = sum(rows)
@@ -266,13 +264,12 @@ def _paged_decode_attention(q, groups, kv_valid, scale, *,
         float(scale) * LOG2E, H, T, per_split, splits, PS * D, D,
         G=G, G_PAD=g_pad, D=D, D_PAD=d_pad, PS=PS, BLOCK_T=block_t, SPLIT=splits > 1, F32=f32,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, PV_TF32=PV_TF32,
-        V_LOAD_MASK=V_LOAD_MASK, PDL=use_pdl,
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, launch_pdl=use_pdl,
+        V_LOAD_MASK=V_LOAD_MASK,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, **launch,
     )
     if splits > 1:
         _attn_merge_kernel[(N,)](o_part, lse, out, splits, rows[0], hg0, hg1, g0[3], g1[3], H,
-                                 G=G, G_PAD=next_pow2(G), D=D, D_PAD=d_pad, PDL=use_pdl, num_warps=4,
-                                 launch_pdl=use_pdl)
+                                 G=G, G_PAD=next_pow2(G), D=D, D_PAD=d_pad, num_warps=4, **launch)
     return out
 
 

@@ -12,9 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from ._util import new_output, next_pow2, pdl
+from ._util import gdc_launch_dependents, gdc_wait, new_output, next_pow2, pdl
 
 BLOCK_P = 32  # pages per program; measured best with 4 warps (gpu_check_kernels.py --sweep-select)
 NUM_WARPS = 4
@@ -92,7 +90,6 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         kmax.stride(0), kmax.stride(1), *args, *map_args, G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, PDL=pdl(q.device), num_warps=NUM_WARPS,
-        launch_pdl=pdl(q.device),
+        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, num_warps=NUM_WARPS, **pdl(q.device),
     )
     return out

@@ -21,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from ._util import next_pow2, pdl
+from ._util import gdc_launch_dependents, gdc_wait, next_pow2, pdl
 from .scores import page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
@@ -97,18 +95,17 @@ def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None)
         return out
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
     x, L, from_scores = scores, P, True
-    use_pdl = pdl(scores.device)
+    launch = pdl(scores.device)
     chunk, final = max(CHUNK, next_pow2(2 * k)), max(FINAL, next_pow2(2 * k))
     while L > final:
         n_chunks = triton.cdiv(L, chunk)
         y = torch.empty(N, n_chunks * k, device=scores.device, dtype=torch.int64)
         _chunk_kernel[(N, n_chunks)](x, y, L, x.stride(0), y.stride(0), k, FROM_SCORES=from_scores, CH=chunk,
-                                     PDL=use_pdl, num_warps=NUM_WARPS, launch_pdl=use_pdl)
+                                     num_warps=NUM_WARPS, **launch)
         x, L, from_scores = y, n_chunks * k, False
     cur = append if append is not None else out
     _final_kernel[(N,)](x, out, cur, L, x.stride(0), out.stride(0), k, FROM_SCORES=from_scores,
-                        APPEND=append is not None, CH=max(16, next_pow2(L)), PDL=use_pdl, num_warps=NUM_WARPS,
-                        launch_pdl=use_pdl)
+                        APPEND=append is not None, CH=max(16, next_pow2(L)), num_warps=NUM_WARPS, **launch)
     return out
 
 
