@@ -48,6 +48,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 from flexicache_hf.kernels import _util  # noqa: E402
 from flexicache_hf.kernels import attention as KA  # noqa: E402
 from flexicache_hf.kernels import copy as KC  # noqa: E402
+from flexicache_hf.kernels import scores as KSC  # noqa: E402
 from flexicache_hf.kernels import select as KS  # noqa: E402
 
 HQ, HKV, D, PS, BUDGET = 32, 8, 128, 16, 64
@@ -179,13 +180,8 @@ def check_layer(L: Layer):
         ok &= expect("page_scores", s, ops.page_scores_ref(L.q_u, L.kmin, L.kmax))
         masked = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
         table = L.select()
-        ref = ops.topk_pages_ref(masked, BUDGET)
-        exact = torch.equal(table[:, :-1], ref)
-        # the fused scores sum a page's bound in another order: differing picks must be near-ties
-        pick = lambda ids: masked.gather(1, ids.clamp(min=0)).amin(1)  # noqa: E731
-        ties = torch.allclose(pick(table[:, :-1]), pick(ref), rtol=1e-5, atol=1e-5)
-        same = (exact or ties) and bool((table[:, -1] == L.P - 1).all())
-        print(f"  check {'select_pages (ids)':<28} {'ok' if same else 'FAIL'} ({'exact' if exact else 'near-ties differ'})")
+        same = torch.equal(table[:, :-1], ops.topk_pages_ref(masked, BUDGET)) and bool((table[:, -1] == L.P - 1).all())
+        print(f"  check {'select_pages (exact ids)':<28} {'ok' if same else 'FAIL'}")
         ok &= same
         torch.cuda.empty_cache()
         ok &= expect("attend both groups (65/66)", L.attend(table), L.attend(table, ops.paged_decode_attention_ref))
@@ -271,8 +267,7 @@ def sweep_attention():
 
 
 def sweep_select():
-    """Time the selection's knobs (chunk, final size, warps, channels per step of the fused scores) on the
-    whole selection, and the attention's launch knobs on the whole step; install the best."""
+    """Time the top-k tournament's knobs (chunk, final size, warps) on the whole selection; install the best."""
     print("== select sweep (graph-replay median us)")
     shapes = {(32768, 8): Layer(32768, 8), (10240, 40): Layer(10240, 40)}
 
@@ -314,14 +309,16 @@ def sweep_select():
                                                   for c, t in rows[:3]))
     KA.BLOCK_T, KA.NUM_WARPS, KA.NUM_STAGES, KA.PROGRAMS_PER_SM = 128, 4, 2, 8
     rows = []
-    for dc in (8, 16, 32):
-        KS.SCORE_CHANNELS = dc
-        rows.append((dc, timed(lambda L: L.select())))
+    for bp in (16, 32, 64):
+        for w in (2, 4, 8):
+            KSC.BLOCK_P, KSC.NUM_WARPS = bp, w
+            rows.append(((bp, w), timed(lambda L: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx))))
     rows.sort(key=lambda r: gm(r[1]))
-    for dc, t in rows:
-        print(f"   fused scores, {dc} channels per step: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
-    KS.SCORE_CHANNELS = rows[0][0]
-    print(f"   using CHUNK={KS.CHUNK} FINAL={KS.FINAL} NUM_WARPS={KS.NUM_WARPS} SCORE_CHANNELS={KS.SCORE_CHANNELS}")
+    for (bp, w), t in rows[:4]:
+        print(f"   scores BLOCK_P {bp} warps {w}: " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in t.items()))
+    KSC.BLOCK_P, KSC.NUM_WARPS = rows[0][0]
+    print(f"   using CHUNK={KS.CHUNK} FINAL={KS.FINAL} NUM_WARPS={KS.NUM_WARPS}; scores BLOCK_P={KSC.BLOCK_P} "
+          f"NUM_WARPS={KSC.NUM_WARPS}")
     del shapes
     torch.cuda.empty_cache()
 
@@ -368,7 +365,6 @@ def bench_layers(free_gib, shapes=None):
                 g = {  # GPU time of each part (graph replays)
                     "scores": lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx),
                     "topk": lambda: KS.topk_pages(s_, BUDGET, L.current),
-                    "select (fused)": L.select,
                     "attend": lambda: L.attend(table),
                     "attend_s": L.attend_stable,
                 }
@@ -508,7 +504,7 @@ def main():
     print(f"Unit tests on GPU: {'pass' if tests_ok else 'FAIL'}; device copy {bw / 1e12:.2f} TB/s (read+write). "
           f"Attention launch: BLOCK_T={KA.BLOCK_T} warps={KA.NUM_WARPS} stages={KA.NUM_STAGES} "
           f"programs/SM={KA.PROGRAMS_PER_SM} PV_TF32={KA.PV_TF32}. Top-k: "
-          f"CHUNK={KS.CHUNK} FINAL={KS.FINAL} warps={KS.NUM_WARPS} score channels per step={KS.SCORE_CHANNELS}.\n")
+          f"CHUNK={KS.CHUNK} FINAL={KS.FINAL} warps={KS.NUM_WARPS}; scores BLOCK_P={KSC.BLOCK_P} warps={KSC.NUM_WARPS}.\n")
     print("One layer of Llama-3.1-8B decode (32 q / 8 KV heads, D=128, bf16, budget 64 pages of 16; sparse = "
           "2 unstable KV heads score+topk 65 pages, 6 stable heads 66 slots, one attention launch for both). Times in us (medians); "
           "eager = do_bench (L2 flushed, Python launch cost included), graph = CUDA-graph replay (GPU time); "

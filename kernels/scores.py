@@ -19,24 +19,6 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _q_row(n, HEADS, H, rows_per_batch, MAPPED: tl.constexpr):
-    """The query row of score row n: n itself, or with MAPPED (q is the layer's [B, H, G, D] query) batch
-    n // Hg, head HEADS[n % Hg]."""
-    if MAPPED:
-        qrow = (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)
-    else:
-        qrow = n
-    return qrow
-
-
-@triton.jit
-def _candidates(VALID, CURRENT, s_vb, n, rows_per_batch, offs_p, mask_p):
-    """Which pages of row n may be selected: valid ones before the current page."""
-    ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
-    return ok & (offs_p < tl.load(CURRENT))
-
-
-@triton.jit
 def _page_scores_kernel(
     Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, VALID, CURRENT, s_vb, rows_per_batch,
     HEADS, H,
@@ -47,7 +29,10 @@ def _page_scores_kernel(
         gdc_wait()
         gdc_launch_dependents()
     n = tl.program_id(0)
-    qrow = _q_row(n, HEADS, H, rows_per_batch, MAPPED)
+    if MAPPED:  # q is the layer's [B, H, G, D] query; row n is batch n // Hg, head HEADS[n % Hg]
+        qrow = (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)
+    else:
+        qrow = n
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, D_PAD)
     mask_p = offs_p < P
@@ -63,7 +48,9 @@ def _page_scores_kernel(
         qg = tl.load(Q + qrow * s_qn + g * s_qg + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         best = tl.maximum(best, tl.sum(tl.maximum(qg * kmax, qg * kmin), 1))
     if MASKED:  # candidates: valid pages before the current one (select_pages)
-        best = tl.where(_candidates(VALID, CURRENT, s_vb, n, rows_per_batch, offs_p, mask_p), best, float("-inf"))
+        ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
+        ok = ok & (offs_p < tl.load(CURRENT))
+        best = tl.where(ok, best, float("-inf"))
     tl.store(OUT + n.to(tl.int64) * P + offs_p, best, mask=mask_p)
 
 
@@ -81,36 +68,28 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         return out
     if G == 0:
         return out.fill_(float("-inf"))  # amax over an empty group (the reference raises instead)
-    q, kmin, kmax, mask_args, map_args = score_inputs(q, kmin, kmax, page_valid, current, heads)
-    _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
-        q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
-        kmax.stride(0), kmax.stride(1), *mask_args, *map_args, G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, MASKED=page_valid is not None, MAPPED=heads is not None, num_warps=NUM_WARPS,
-        **pdl(q.device),
-    )
-    return out
-
-
-def score_inputs(q, kmin, kmax, page_valid, current, heads):
-    """Kernel arguments shared by the scoring kernels: unit-stride tensors, the candidate mask arguments
-    (VALID, CURRENT, s_vb, rows_per_batch) and the query-row map (HEADS, H)."""
-    N, P, D = kmin.shape
-    G = q.shape[-2]
     # Unit stride along D lets the loads vectorise; anything else is copied once.
     q, kmin, kmax = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kmin, kmax))
-    if heads is not None:
+    mapped = heads is not None
+    if mapped:
         B, H = q.shape[:2]
         assert N == B * len(heads), "rows must be batch x heads"
         q = q.contiguous().view(B * H, G, D)  # a no-op view for the decode query
         map_args, rows_per_batch = (heads, H), len(heads)
     else:
-        map_args, rows_per_batch = (kmin, 0), None  # HEADS unused (MAPPED=False)
-    if page_valid is not None:
+        map_args, rows_per_batch = (out, 0), None
+    masked = page_valid is not None
+    if masked:
         if page_valid.dtype == torch.bool:
             page_valid = page_valid.view(torch.uint8)
         if page_valid.stride(-1) != 1:
             page_valid = page_valid.contiguous()
-        mask_args = (page_valid, current, page_valid.stride(0), rows_per_batch or N // page_valid.shape[0])
+        args = (page_valid, current, page_valid.stride(0), rows_per_batch or N // page_valid.shape[0])
     else:
-        mask_args = (kmin, kmin, 0, rows_per_batch or 1)  # unused (MASKED=False)
-    return q, kmin, kmax, mask_args, map_args
+        args = (out, out, 0, rows_per_batch or 1)  # unused (MASKED=False)
+    _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
+        q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
+        kmax.stride(0), kmax.stride(1), *args, *map_args, G=G, D=D, D_PAD=max(16, next_pow2(D)),
+        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, num_warps=NUM_WARPS, **pdl(q.device),
+    )
+    return out

@@ -267,23 +267,12 @@ def test_kernel_copy_pages_skips_minus_one_and_writes_pinned_host(direction):
 # ------------------------------------------------------------------------------------------------
 # select_pages (masked scores kernel + top-k)
 # ------------------------------------------------------------------------------------------------
-def assert_same_selection(got, ref, scores):
-    """Equal page tables, or tables whose differing picks are near-ties of `scores` (fp32 summation order)."""
-    if torch.equal(got, ref):
-        return
-    assert torch.equal((got >= 0).sum(1), (ref >= 0).sum(1)), "as many pages selected"
-    pick = lambda ids: scores.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("inf"))  # noqa: E731
-    worst_got, worst_ref = pick(got).amin(1), pick(ref).amin(1)
-    torch.testing.assert_close(worst_got, worst_ref, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G", [1, 7])
 def test_kernel_select_pages(dtype, G):
-    """Masked scores equal the reference's masking; the selection (scores fused into the first top-k pass)
-    equals topk_pages_ref of the masked scores, up to near-ties (the fused kernel sums a page's bound in
-    another order: picks that differ must score within float rounding of each other); fewer candidates than
-    k give every candidate, then -1."""
+    """Masked scores equal the reference's masking; the selection equals topk_pages_ref of the kernel's own
+    scores (fp32 sums may reorder near-ties against the reference, so ids are compared on one score set);
+    fewer candidates than k give every candidate, then -1."""
     B, H, P, D, k = 3, 2, 45, 80, 6
     N = B * H
     q = torch.randn(N, G, D, device=DEV).to(dtype)
@@ -298,10 +287,11 @@ def test_kernel_select_pages(dtype, G):
     assert torch.equal(masked.isinf(), ~cand)
     torch.testing.assert_close(masked[cand], ref[cand], rtol=1e-5, atol=1e-4)
     got = select.select_pages(q, kmin, kmax, page_valid, current, k)
-    assert_same_selection(got, ops.topk_pages_ref(masked, k), masked)
+    assert torch.equal(got, ops.topk_pages_ref(masked, k))
+    assert torch.equal(got, ops.select_pages_ref(q.double(), kmin.double(), kmax.double(), page_valid, current, k)) \
+        or dtype == torch.bfloat16  # fp64 reference scores: the same ranking unless near-ties (checked in fp32)
     few = select.select_pages(q, kmin, kmax, page_valid, torch.tensor([4], device=DEV), k)
-    assert_same_selection(few, ops.select_pages_ref(q, kmin, kmax, page_valid, torch.tensor([4], device=DEV), k),
-                          masked)
+    assert torch.equal(few, ops.select_pages_ref(q, kmin, kmax, page_valid, torch.tensor([4], device=DEV), k))
     assert (few[:, 4:] == -1).all()
     table = select.select_pages(q, kmin, kmax, page_valid, current, k, append_current=True)
     assert torch.equal(table, ops.select_pages_ref(q, kmin, kmax, page_valid, current, k, append_current=True))
@@ -314,19 +304,6 @@ def test_kernel_select_pages(dtype, G):
     assert torch.equal(mapped, got)
     assert torch.equal(ops.select_pages_ref(layer_q, kmin, kmax, page_valid, current, k, heads=heads),
                        ops.select_pages_ref(q, kmin, kmax, page_valid, current, k))
-
-
-def test_kernel_select_pages_many_chunks():
-    """Several fused score chunks per row (P > 512), a masked tail, odd D, GQA group of 5."""
-    B, H, P, D, G, k = 2, 1, 1100, 80, 5, 7
-    q = torch.randn(B * H, G, D, device=DEV)
-    a, b = torch.randn(2, B * H, P, D, device=DEV)
-    kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
-    page_valid = torch.rand(B, P, device=DEV) > 0.1
-    current = torch.tensor([1050], device=DEV)
-    masked = scores.page_scores(q, kmin, kmax, page_valid, current)
-    assert_same_selection(select.select_pages(q, kmin, kmax, page_valid, current, k),
-                          ops.topk_pages_ref(masked, k), masked)
 
 
 @pytest.mark.parametrize("N,P,k", [(2, 700, 5), (3, 37, 8), (2, 20, 32), (1, 1, 1)])
