@@ -342,7 +342,7 @@ class FlexiCacheLayer(CacheLayerMixin):
             if flags.rerank:
                 self.offloaded.promote(self._select(q, self.s_idx, self.offloaded, current), current)
             groups.append(ops.PageGroup(*self.offloaded.slot_pools(), self.offloaded.slot_page, self.s_idx,
-                                        by_entry=True))
+                                        by_entry=True, pending=flags.rerank))  # a rerank's copies came just before
         # both head groups in one launch; a second stream running the unstable heads' selection beside
         # the stable heads' attention measured 0-10% faster per layer in CUDA graphs and added host time
         out = ops.paged_decode_attention(q, groups, self.kv_valid, scale, self.cfg.use_kernels)

@@ -320,3 +320,10 @@ def test_kernel_topk_pages(N, P, k):
     assert torch.equal(select.topk_pages(s, k), ref)
     appended = select.topk_pages(s, k, torch.tensor([P], device=DEV))
     assert torch.equal(appended[:, :-1], ref) and (appended[:, -1] == P).all()
+
+
+def test_kernel_pdl_is_opt_in_and_cuda_only(monkeypatch):
+    """Programmatic dependent launch stays off unless asked for, and never reaches the interpreter/CPU."""
+    assert _util.PDL is False
+    monkeypatch.setattr(_util, "PDL", True)
+    assert _util.pdl(torch.device("cpu")) == {"PDL": False}
