@@ -30,8 +30,8 @@ def _sm_count(index: int) -> int:
 # Programmatic dependent launch (Hopper+): a kernel of the decode chain may start while the one before it
 # finishes; it waits (gdc_wait) before it reads that kernel's output or writes any memory (the caching
 # allocator may hand it a block the previous kernel still uses). Off by default: it measured 0-4 us per
-# layer, and one GPU eval run with it on died of a CUDA error that did not come back in two reruns, so
-# it stays opt-in until that is understood. False: plain stream order.
+# layer, and one GPU eval run with it on died with a PyTorch C++ stack trace (error line not captured)
+# that did not come back in two reruns, so it stays opt-in until that is understood. False: plain stream order.
 PDL = False
 
 
