@@ -341,7 +341,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
                 self.offloaded.promote(self._select(q, self.s_idx, self.offloaded, current), current)
-            groups.append(ops.PageGroup(*self.offloaded.slot_pools(), self.offloaded.slot_page, self.s_idx,
+            groups.append(ops.PageGroup(*self.offloaded.page_pools(), self.offloaded.slot_page, self.s_idx,
                                         by_entry=True, pending=flags.rerank))  # a rerank's copies came just before
         # both head groups in one launch; a second stream running the unstable heads' selection beside
         # the stable heads' attention measured 0-10% faster per layer in CUDA graphs and added host time

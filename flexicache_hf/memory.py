@@ -268,8 +268,9 @@ class OffloadedHeads:
         for host, gpu in ((self.host_k, self.k), (self.host_v, self.v)):
             ops.copy_pages(host.view(-1, ps, D), src_idx, gpu.view(-1, ps, D), dst_idx)
 
-    def slot_pools(self):
-        """K and V as pools of pages: row r = b * heads + h holds slot_page[b, h, e] in slot r * num_slots + e."""
+    def page_pools(self):
+        """K and V as pools of pages: row r = b * heads + h holds slot_page[b, h, e] in slot r * num_slots + e
+        (the same view DenseHeads.page_pools gives of its buffer, addressed by entry instead of page id)."""
         ps, D = self.k.shape[3:]
         return self.k.view(-1, ps, D), self.v.view(-1, ps, D)
 

@@ -168,8 +168,14 @@ def _attn_split_kernel(
 
 
 @triton.jit
-def _merge_row(O_PART, LSE, OUT, n, qrow, n_splits,
-               G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+def _attn_merge_kernel(
+    O_PART, LSE, OUT, n_splits, N0, HG0, HG1, HEADS0, HEADS1, H,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
+):
+    if PDL:
+        gdc_wait()
+    n = tl.program_id(0)
+    qrow = _row(n, N0, HG0, HG1, HEADS0, HEADS1, H)[3]
     # Log-sum-exp merge of the splits of one row: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
@@ -191,18 +197,6 @@ def _merge_row(O_PART, LSE, OUT, n, qrow, n_splits,
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(OUT + (qrow * G + offs_g[:, None]) * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _attn_merge_kernel(
-    O_PART, LSE, OUT, n_splits, N0, HG0, HG1, HEADS0, HEADS1, H,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
-):
-    if PDL:
-        gdc_wait()
-    n = tl.program_id(0)
-    qrow = _row(n, N0, HG0, HG1, HEADS0, HEADS1, H)[3]
-    _merge_row(O_PART, LSE, OUT, n, qrow, n_splits, G, G_PAD, D, D_PAD)
 
 
 def _split_plan(n_rows: int, tokens: int, block_t: int, device, num_splits: int | None):
