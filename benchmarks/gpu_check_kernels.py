@@ -134,8 +134,8 @@ class Layer:
         return ops.PageGroup(self.k_s[copy], self.v_s[copy], self.pids_s, self.s_idx, by_entry=True)
 
     def attend(self, table, fn=None):
-        """Both head groups in one paged_decode_attention launch."""
-        return (fn or K.paged_decode_attention)(self.q, [self.group_u(table), self.group_s()], self.valid, self.scale)
+        """Both head groups in one paged_decode_attention launch, stable rows first (as the cache)."""
+        return (fn or K.paged_decode_attention)(self.q, [self.group_s(), self.group_u(table)], self.valid, self.scale)
 
     def attend_stable(self, fn=None, copy=0):
         return (fn or K.paged_decode_attention)(self.q, [self.group_s(copy)], self.valid, self.scale)
@@ -452,14 +452,14 @@ def main():
     ap.add_argument("--only-copy", action="store_true", help="only the promotion / offload bandwidth")
     ap.add_argument("--sweep", action="store_true", help="re-tune the attention launch shape first")
     ap.add_argument("--sweep-select", action="store_true", help="re-tune the top-k tournament first")
-    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (opt-in)")
+    ap.add_argument("--no-pdl", action="store_true", help="programmatic dependent launch off (on by default)")
     ap.add_argument("--shapes", default="", help="only these ctx x batch, e.g. 32768x8,10240x40")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
     print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}")
-    if args.pdl:
-        _util.PDL = True
+    if args.no_pdl:
+        _util.PDL = False
     if args.only_copy:
         ok, gbps = bench_copy()
         print("\n| path | GB/s |\n|---|---|")

@@ -341,8 +341,10 @@ class FlexiCacheLayer(CacheLayerMixin):
         if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
                 self.offloaded.promote(self._select(q, self.s_idx, self.offloaded, current), current)
-            groups.append(ops.PageGroup(*self.offloaded.page_pools(), self.offloaded.slot_page, self.s_idx,
-                                        by_entry=True, pending=flags.rerank))  # a rerank's copies came just before
+            # first in the launch: with programmatic dependent launch its rows start before the unstable
+            # heads' selection has finished (the unstable rows, later in the grid, wait for their table)
+            groups.insert(0, ops.PageGroup(*self.offloaded.page_pools(), self.offloaded.slot_page, self.s_idx,
+                                           by_entry=True, pending=flags.rerank))  # a rerank's copies came just before
         # both head groups in one launch; a second stream running the unstable heads' selection beside
         # the stable heads' attention measured 0-10% faster per layer in CUDA graphs and added host time
         out = ops.paged_decode_attention(q, groups, self.kv_valid, scale, self.cfg.use_kernels)

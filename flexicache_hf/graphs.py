@@ -25,6 +25,7 @@ always valid. When the caller passes no positions, they are the cache length, as
 
 from __future__ import annotations
 
+import gc
 import inspect
 
 import torch
@@ -125,8 +126,18 @@ class _CacheGraphs:
             graph = torch.cuda.CUDAGraph()
             # the capture runs the Python side once (the cache's counters advance here) and records the
             # device side, which the replay right after performs
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = forward(**static)
+            # No garbage collection during the capture: a collection there may destroy an unreachable
+            # earlier cache and its CUDA graphs, which CUDA forbids while a stream captures (it invalidates
+            # the capture, and the next CUDA call, often an event record in a tensor's destructor, aborts
+            # the process). torch.cuda.graph no longer collects before capturing by default.
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = forward(**static)
+            finally:
+                if collecting:
+                    gc.enable()
             self.graphs[key] = (graph, static, out)
             self.captures += 1
             graph.replay()

@@ -30,12 +30,14 @@ from ._util import gdc_launch_dependents, gdc_wait, interpreting, new_output, ne
 LOG2E = 1.4426950408889634
 
 # Default launch shape, tuned on the H100 (benchmarks/gpu_check_kernels.py --sweep, CUDA-graph timing,
-# Llama-3.1-8B shapes): 128 tokens (8 pages of 16) per step, 4 warps, 2 pipeline stages, the page lists
-# split until there are 8 programs per SM; 2.3 TB/s on 130 MB of scattered pages (76% of 3 TB/s).
+# Llama-3.1-8B shapes): 128 tokens (8 pages of 16) per step, 4 warps, 2 pipeline stages; 2.3 TB/s on
+# 130 MB of scattered pages (76% of 3 TB/s). The page lists are split until there are 3 programs per SM:
+# timed inside the whole decode step (benchmarks/timeline.py --variants) 3 beat the 8 that the kernel
+# alone prefers, 32k/batch 8: 39 vs 42 us, 10k/batch 40: 93 vs 94 us (fewer splits, less to merge).
 BLOCK_T = 128
 NUM_WARPS = 4
 NUM_STAGES = 2
-PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM = 3
 TILE_BYTES = 32768  # cap on one K (or V) tile: fp32 pools get 64-token steps (shared memory)
 # V must be zero at invalid tokens (unwritten slots may hold anything, even NaN, and 0 * NaN = NaN):
 # masking V's load with the valid flags measured 5-10% faster than zeroing V after the load.
@@ -84,7 +86,8 @@ def _attn_split_kernel(
     n = tl.program_id(0)
     split = tl.program_id(1)
     grp, r, b, qrow = _row(n, N0, HG0, HG1, HEADS0, HEADS1, H)
-    if PDL:  # launched early: a group whose page table the kernel before is still writing waits for it;
+    if PDL:  # the merge may launch now (it waits for our end). Launched early ourselves, a group whose
+        gdc_launch_dependents()  # page table the kernel before is still writing waits for it;
         if tl.where(grp == 0, PENDING0, PENDING1) != 0:  # the other group reads while that kernel runs
             gdc_wait()
     # the row's group: its pools, page table, length and addressing (scalar selects, no divergence)
@@ -157,7 +160,6 @@ def _attn_split_kernel(
     o = acc / l_safe[:, None]  # rows with nothing valid: acc = 0 -> zeros, like the reference
     if PDL:  # no write before the kernel before has finished: our buffers may be blocks it used
         gdc_wait()
-        gdc_launch_dependents()
     if SPLIT:
         base = n * n_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))

@@ -14,8 +14,11 @@ import triton.language as tl
 
 from ._util import gdc_launch_dependents, gdc_wait, new_output, next_pow2, pdl
 
-BLOCK_P = 32  # pages per program; measured best with 4 warps (gpu_check_kernels.py --sweep-select)
-NUM_WARPS = 4
+# Pages per program and warps: timed inside the whole decode step (L2-cold, benchmarks/timeline.py
+# --variants), 16 pages x 2 warps beat 32 x 4 (the best alone, L2-warm): 33 vs 34 us at 32k/batch 8
+# with programmatic dependent launch, 21 vs 29 us at 8k/batch 8 (more programs stay resident).
+BLOCK_P = 16
+NUM_WARPS = 2
 
 
 @triton.jit
@@ -25,9 +28,9 @@ def _page_scores_kernel(
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr,
     MAPPED: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # launched early: wait for the kernels before (they wrote q, the metadata), let the next launch
+    if PDL:  # let the next kernel of the chain launch now (it waits for our end before it reads our output
+        gdc_launch_dependents()  # or writes), then wait for the kernels before (they wrote q, the metadata)
         gdc_wait()
-        gdc_launch_dependents()
     n = tl.program_id(0)
     if MAPPED:  # q is the layer's [B, H, G, D] query; row n is batch n // Hg, head HEADS[n % Hg]
         qrow = (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)

@@ -55,9 +55,9 @@ def _load_packed(IN, n, s_in, offs, L, FROM_SCORES: tl.constexpr):
 
 @triton.jit
 def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched early: wait for the kernel before (its scores or packed keys), let the next one launch
-        gdc_wait()
+    if PDL:  # the next kernel launches now (and waits for our end); we wait for the scores or packed keys
         gdc_launch_dependents()
+        gdc_wait()
     n = tl.program_id(0)
     c = tl.program_id(1)
     offs = c * CH + tl.arange(0, CH)
@@ -69,9 +69,9 @@ def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.
 @triton.jit
 def _final_kernel(IN, OUT, CUR, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, APPEND: tl.constexpr,
                   CH: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
+    if PDL:  # trigger first: the attention launch's stable rows start while the selection still runs
         gdc_launch_dependents()
+        gdc_wait()
     n = tl.program_id(0)
     offs = tl.arange(0, CH)
     x = tl.sort(_load_packed(IN, n, s_in, offs, L, FROM_SCORES), descending=True)

@@ -161,3 +161,64 @@ def test_advance_decode_replays_every_python_side_effect():
     kinds = set(checked)
     assert len(checked) >= 40 and any(f.fill for f in kinds) and any(f.rerank for f in kinds)
     assert any(f.new_page for f in kinds)
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [True, False])
+def test_pdl_equals_stream_order(graphs, monkeypatch):
+    """Programmatic dependent launch only lets the decode chain's kernels start early; each waits before it
+    reads a predecessor's output or writes. So with it on, every logit must be bit-identical to plain
+    stream order: a missing wait shows up here as a race. Long prompts (over 512 pages of 4 tokens: the
+    top-k chunk pass runs), a left-padded batch, reranks, promotions, graph replays and eager steps."""
+    from flexicache_hf.kernels import _util
+
+    if not _util.pdl(torch.device("cuda")).get("PDL"):
+        monkeypatch.setattr(_util, "PDL", True)
+        if not _util.pdl(torch.device("cuda"))["PDL"]:
+            pytest.skip("programmatic dependent launch needs Hopper or later and Triton >= 3.3")
+    _, fc = tiny_pair("llama", 8, 2, 64, layers=3)
+    fc = fc.cuda()
+    ids, mask = _batch("cuda", lengths=(2300, 2061, 1777))
+    knobs = dict(topk_pages=9, page_size=4, rerank_interval=4, use_kernels=True)
+    runs = {}
+    for pdl in (True, False):
+        monkeypatch.setattr(_util, "PDL", pdl)
+        if graphs:
+            runs[pdl], _ = _with_graphs(fc, knobs, ids, mask, 48)
+        else:
+            runs[pdl] = _generate(fc, make_cache(fc, **knobs), ids, mask, 48)
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for a, b in zip(runs[True].logits, runs[False].logits):
+        assert torch.equal(a, b)
+
+
+@cuda
+def test_no_garbage_collection_during_capture():
+    """No garbage collection may run while a decode step is captured: it may destroy an unreachable earlier
+    cache's CUDA graphs, which CUDA forbids while a stream captures (the capture is invalidated and the
+    process aborts: seen once in ~3 GPU eval runs). With a collection due at nearly every allocation,
+    gc.callbacks must see none during a capture, and the replays must still match the eager run."""
+    import gc
+
+    _, fc = tiny_pair("llama", 6, 2, 32, layers=2)
+    fc = fc.cuda()
+    ids, mask = _batch("cuda")
+    knobs = dict(topk_pages=3, page_size=8, rerank_interval=3, use_kernels=True)
+    eager = _generate(fc, make_cache(fc, **knobs), ids, mask, 24)
+    seen = []
+
+    def spy(phase, info):
+        if phase == "start":
+            seen.append(torch.cuda.is_current_stream_capturing())
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(spy)
+    gc.set_threshold(1)
+    try:
+        out, cache = _with_graphs(fc, knobs, ids, mask, 24)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(spy)
+    assert cache.decode_graphs.captures > 0 and len(seen) > 0  # collections ran, around the captures
+    assert not any(seen), "a garbage collection ran during a CUDA-graph capture"
+    assert torch.equal(out.sequences, eager.sequences)

@@ -88,7 +88,7 @@ ATTN_CASES = [  # dtype, G, D, page_size
 
 
 @pytest.mark.parametrize("dtype,G,D,ps", ATTN_CASES)
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 3, 5])
 def test_kernel_paged_decode_attention(dtype, G, D, ps, num_splits):
     q, groups, kv_valid, scale = make_attention_case(dtype, G, D, ps)
     ref = ops.paged_decode_attention_ref(q, groups, kv_valid, scale)
@@ -322,8 +322,8 @@ def test_kernel_topk_pages(N, P, k):
     assert torch.equal(appended[:, :-1], ref) and (appended[:, -1] == P).all()
 
 
-def test_kernel_pdl_is_opt_in_and_cuda_only(monkeypatch):
-    """Programmatic dependent launch stays off unless asked for, and never reaches the interpreter/CPU."""
-    assert _util.PDL is False
+def test_kernel_pdl_default_and_cuda_only(monkeypatch):
+    """Programmatic dependent launch is on unless FLEXICACHE_HF_PDL=0, and never reaches the interpreter/CPU."""
+    assert _util.PDL is (os.environ.get("FLEXICACHE_HF_PDL", "1") != "0")
     monkeypatch.setattr(_util, "PDL", True)
     assert _util.pdl(torch.device("cpu")) == {"PDL": False}
