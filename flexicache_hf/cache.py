@@ -338,16 +338,23 @@ class FlexiCacheLayer(CacheLayerMixin):
             if self.calibration is not None:
                 self.calibration.record(self.layer_idx, table[..., :-1], self.length // self.cfg.page_size)
             groups.append(ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False, pending=True))
+        promote = None
         if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
-                self.offloaded.promote(self._select(q, self.s_idx, self.offloaded, current), current)
+                selected = self._select(q, self.s_idx, self.offloaded, current)
+                if self.need_select:  # the first decode step uses its top-K at once (nothing resident yet)
+                    self.offloaded.promote(selected, current)
+                else:  # a periodic rerank: this step still reads the old set, the new one from the next
+                    promote = selected  # step on, its pages copied meanwhile (REFERENCE.md section 5)
             # first in the launch: with programmatic dependent launch its rows start before the unstable
             # heads' selection has finished (the unstable rows, later in the grid, wait for their table)
             groups.insert(0, ops.PageGroup(*self.offloaded.page_pools(), self.offloaded.slot_page, self.s_idx,
-                                           by_entry=True, pending=flags.rerank))  # a rerank's copies came just before
+                                           by_entry=True, pending=flags.rerank and promote is None))
         # both head groups in one launch; a second stream running the unstable heads' selection beside
         # the stable heads' attention measured 0-10% faster per layer in CUDA graphs and added host time
         out = ops.paged_decode_attention(q, groups, self.kv_valid, scale, self.cfg.use_kernels)
+        if promote is not None:
+            self.offloaded.promote_in_background(promote, current)
         self.pos_t.add_(1)
         self.advance_decode(flags)
         if self.calibration is not None and self.calibration.ready() and self.layer_idx == self.calibration.num_layers - 1:
@@ -413,6 +420,8 @@ class FlexiCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        if getattr(self, "offloaded", None) is not None:  # (reset also runs before lazy initialisation)
+            self.offloaded.join()  # a background promotion writes the slots being dropped
         for name in ("dense", "offloaded", "kv_valid", "page_valid", "pending"):
             setattr(self, name, None)
         self.length, self.is_initialized = 0, False
@@ -568,6 +577,14 @@ class FlexiCache(Cache):
     def full_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every K/V that `update()` received for this layer, bit-exact: [batch, kv_heads, seq_len, head_dim]."""
         return self.layers[layer_idx].full_kv()
+
+    def join_promotions(self) -> None:
+        """Order the current stream after every layer's background promotion (a rerank's page copies). Each
+        layer does this itself before it next touches its slots; graphs.py calls it at the end of a captured
+        step, whose side-stream work must rejoin the capture, and before a replay."""
+        for layer in self.layers:
+            if getattr(layer, "offloaded", None) is not None:
+                layer.offloaded.join()
 
     def memory_report(self) -> dict:
         """Bytes held by the cache, summed over layers; `dense_kv_bytes` is what a DynamicCache would hold.

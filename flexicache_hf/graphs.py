@@ -112,6 +112,7 @@ class _CacheGraphs:
         self.captures = self.replays = 0  # counts, for tests and benchmarks
 
     def step(self, forward, cache: FlexiCache, state, call, inputs):
+        cache.join_promotions()  # an eager step's background promotion, before a replay reads the slots
         if state.buffers != self.buffers:  # some buffer was replaced: every graph reads stale addresses
             self.graphs.clear()
             self.seen.clear()
@@ -135,6 +136,7 @@ class _CacheGraphs:
             try:
                 with torch.cuda.graph(graph, pool=self.pool):
                     out = forward(**static)
+                    cache.join_promotions()  # side-stream work must rejoin the capture before it ends
             finally:
                 if collecting:
                     gc.enable()

@@ -117,6 +117,7 @@ class OffloadedHeads:
         # D2H offloads run on a low-priority side stream; readers of the host pool wait on this event.
         self.copy_stream = torch.cuda.Stream(self.device, priority=0) if self.pin else None
         self.offloaded = None
+        self.promoting = None  # (event, tensors it uses) of a promotion still running on copy_stream
 
     def _index_tensors(self) -> None:
         # made once, eagerly: a tensor first allocated inside a graph capture holds nothing until replay
@@ -142,6 +143,7 @@ class OffloadedHeads:
     # ---- offload: GPU -> host, once per full page ----------------------------------------------
     def offload(self, first_page: int, k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
         """Copy full pages [B, H, n, page, D] (pages first_page .. first_page+n-1) to the host pool."""
+        self.join()
         n = k_pages.shape[2]
         if n == 0:
             return
@@ -172,6 +174,7 @@ class OffloadedHeads:
 
         A kernel writes the mapped pinned pool directly (zero-copy), on the compute stream: no staging, no
         host sync, and the page slot stays untouched until the copy has read it (same stream)."""
+        self.join()
         self._reserve_host(self.host_len + 1)
         B, H, S, ps, D = self.k.shape
         src = (self._rows * S + self.cur_slot.unsqueeze(-1)).view(-1)
@@ -205,10 +208,12 @@ class OffloadedHeads:
 
     # ---- writes into slots ---------------------------------------------------------------------
     def clear_slots(self) -> None:
+        self.join()
         self.slot_page.fill_(-1)
 
     def start_page(self, page: int | torch.Tensor) -> None:
         """Give every row a free slot for its new current page `page` (an int, or a device tensor [1])."""
+        self.join()
         free = self.slot_page < 0
         # first free slot per row; the slot count guarantees one exists (topk + current + tail pages)
         self.cur_slot.copy_(free.to(torch.int8).argmax(-1))
@@ -220,6 +225,7 @@ class OffloadedHeads:
 
     def write_token(self, k, v, pos: torch.Tensor, new_page: bool) -> None:
         """Decode: one token [B, H, 1, D] at position `pos` (device tensor [1]) into the current page."""
+        self.join()
         if new_page:
             self.start_page(pos // self.page_size)
         idx = (self._b, self._h, self.cur_slot, pos % self.page_size)
@@ -228,6 +234,7 @@ class OffloadedHeads:
 
     def write_current(self, k, v, offset: int) -> None:
         """Write tokens [B, H, n, D] into every row's current page from `offset` on."""
+        self.join()
         B, H = self.cur_slot.shape
         b = torch.arange(B, device=self.k.device).view(B, 1)
         h = torch.arange(H, device=self.k.device).view(1, H)
@@ -236,6 +243,7 @@ class OffloadedHeads:
 
     def current_page(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current page of every row, [B, H, 1, page, D]."""
+        self.join()
         idx = self.cur_slot.view(*self.cur_slot.shape, 1, 1, 1).expand(-1, -1, 1, *self.k.shape[3:])
         return self.k.gather(2, idx), self.v.gather(2, idx)
 
@@ -247,6 +255,7 @@ class OffloadedHeads:
         Fixed shapes, no host sync: every (row, k) entry is a copy job, and the ones with nothing to copy
         carry index -1, which the copy skips.
         """
+        self.join()
         sp = self.slot_page
         B, H, S = sp.shape
         keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
@@ -268,14 +277,46 @@ class OffloadedHeads:
         for host, gpu in ((self.host_k, self.k), (self.host_v, self.v)):
             ops.copy_pages(host.view(-1, ps, D), src_idx, gpu.view(-1, ps, D), dst_idx)
 
+    def promote_in_background(self, selected: torch.Tensor, current_page: torch.Tensor) -> None:
+        """A rerank's promotion, overlapped with the rest of the step: queued after everything the compute
+        stream has issued (this step's attention reads the old slots) on the low-priority copy stream; the
+        next user of the slots, the pools or the slot table waits for it (`join`). On the CPU: at once."""
+        if self.copy_stream is None:
+            return self.promote(selected, current_page)
+        self.join()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.promote(selected, current_page)
+            # the caching allocator must not hand these blocks to another stream while the copy stream
+            # still uses them (even if the cache is dropped first)
+            for t in (selected, current_page, self.k, self.v, self.slot_page):
+                t.record_stream(self.copy_stream)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        self.promoting = (done, self.host_k, self.host_v)  # the pinned pools stay alive until it is done
+
+    def join(self) -> None:
+        """Order the compute stream after a background promotion (a GPU-side wait, no host sync)."""
+        if self.promoting is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.promoting[0])
+            self.promoting = None
+
+    def __del__(self):
+        # dropped with a promotion in flight: its kernel still reads the pinned pools, which must not be
+        # released before it is done (GPU blocks are protected by record_stream)
+        if getattr(self, "promoting", None) is not None:
+            self.promoting[0].synchronize()
+
     def page_pools(self):
         """K and V as pools of pages: row r = b * heads + h holds slot_page[b, h, e] in slot r * num_slots + e
         (the same view DenseHeads.page_pools gives of its buffer, addressed by entry instead of page id)."""
+        self.join()
         ps, D = self.k.shape[3:]
         return self.k.view(-1, ps, D), self.v.view(-1, ps, D)
 
     # ---- batch ops and accounting --------------------------------------------------------------
     def select_batch(self, idx: torch.Tensor) -> None:
+        self.join()
         self.wait_offloads(host_reader=True)
         for name in ("k", "v", "slot_page", "cur_slot", "kmin", "kmax"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
