@@ -11,7 +11,7 @@ examples), with real CPython text as the haystack where RULER uses essays:
 | niah_multivalue | 4 numbers for the same key; all are asked | 4 numbers | string_match_recall |
 | niah_multiquery | 4 needles with different keys; all 4 are asked | 4 numbers | string_match_recall |
 | vt | variable tracking: a chain of 5 assignments in noise text | 5 names | string_match_recall |
-| cwe | common-word extraction: 10 words x 30 (fewer below 4k tokens) among words x 3, numbered | 10 words | string_match_recall |
+| cwe | common-word extraction: 10 words x 30 (fewer below 4k tokens) among words x 3 (past ~7k tokens also hyphenated word pairs), numbered | 10 words | string_match_recall |
 | fwe | frequent-word extraction: Zipf-distributed coded words, top 3 asked | 3 words | string_match_recall |
 
 Question answering over long real text (extractive, one answer span each):
@@ -190,7 +190,14 @@ def _cwe(size: int, rng: random.Random, index: int, n_common: int = 10, freq_com
     # (~40% of a 4k-token list) would not fit short lengths: fewer repeats there, never fewer than 4.
     n_entries = max(n_common * 4 + freq_rare, size // 9)
     freq_common = max(4, min(freq_common, int(0.4 * n_entries / n_common)))
-    n_rare = min(len(rare_pool), max(1, (n_entries - n_common * freq_common) // freq_rare))
+    n_rare = max(1, (n_entries - n_common * freq_common) // freq_rare)
+    if n_rare > len(rare_pool):
+        # past ~7k tokens the word list runs out (RULER draws from a far larger vocabulary): add hyphenated
+        # pairs of rare words, still 3 times each, so long lists keep the task's shape; shorter lists (and
+        # their prompts) are exactly as before
+        pairs = [f"{a}-{b}" for a in rare_pool for b in rare_pool if a != b]
+        rare_pool = rare_pool + r.sample(pairs, min(len(pairs), n_rare - len(rare_pool)))
+    n_rare = min(len(rare_pool), n_rare)
     seq = common * freq_common + rare_pool[:n_rare] * freq_rare
     r.shuffle(seq)
     context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(seq))

@@ -338,3 +338,18 @@ def test_lm_eval_model_type(smollm2):
     toks = runner.greedy_decode(model, cache, first, prefill.length, row["max_new_tokens"], runner.eos_ids(model, tok))
     assert response == tok.decode(toks, skip_special_tokens=True)
     assert res["results"]["flexicache_qa_code"]["score,none"] == runner.score(runner.load_metrics(), "contains_match", response, row["answers"])
+
+
+def test_cwe_scales_past_its_word_list(smollm2):
+    """cwe at 16k tokens (its 292-word list fills only ~7k): the prompt fits, and the 10 common words are
+    strictly the most frequent entries of the list."""
+    import collections
+    import re
+
+    _, tok = smollm2
+    row = tasks.make_sample(tok, "cwe", 16384, 0, 0)
+    assert 0.8 * 16384 <= row["prompt_tokens"] <= 16384
+    counts = collections.Counter(re.findall(r"\d+\. (\S+)", row["prompt"].rsplit("Question:", 1)[0]))
+    common = set(row["answers"])
+    assert len(common) == 10 and common <= set(counts)
+    assert min(counts[w] for w in common) > max(c for w, c in counts.items() if w not in common)
