@@ -10,10 +10,11 @@ torch.set_num_threads(1)
 import flexicache_hf  # noqa: F401
 from flexicache_hf import ops
 from flexicache_hf.attention import flexicache_attention
-from flexicache_hf.eval.tasks import make_sample
 from flexicache_hf.models import load_smollm2
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from diag import needle_sample  # noqa: E402  (same folder; its own attention is re-registered below)
 
 PS, K = 16, 64
 HEADS = [(17, 1), (18, 2), (19, 1), (20, 1), (21, 2), (23, 0)]
@@ -31,12 +32,7 @@ model, tok = load_smollm2(torch.float32, attn_implementation="flexicache")
 out_all = {}
 for sample in [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "0,1").split(",")]:
     CAP.clear()
-    row = make_sample(tok, "niah_single", 4096, 0, sample)
-    p, v = row["prompt"], row["answers"][0]
-    j = p.find(v)
-    enc = tok(p, add_special_tokens=False, return_offsets_mapping=True)
-    ids = torch.tensor([enc.input_ids])
-    digit_pos = [i for i, (a, b) in enumerate(enc.offset_mapping) if a < j + len(v) and b > j]
+    _, v, _, _, ids, digit_pos = needle_sample(tok, sample)
     npg = digit_pos[0] // PS
     cache = DynamicCache(config=model.config)
     with torch.no_grad():

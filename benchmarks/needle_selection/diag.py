@@ -177,6 +177,18 @@ def diag_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 AttentionInterface.register("flexicache", diag_attention)
 
 
+def needle_sample(tok, sample: int):
+    """niah_single at 4096 tokens, sample `sample`: (prompt, answer, the answer's offset in the prompt,
+    the tokenizer encoding with offsets, input ids [1, T], token positions of the answer's digits)."""
+    row = make_sample(tok, "niah_single", 4096, 0, sample)
+    p, v = row["prompt"], row["answers"][0]
+    j = p.find(v)
+    enc = tok(p, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor([enc.input_ids])
+    digit_pos = [i for i, (a, b) in enumerate(enc.offset_mapping) if a < j + len(v) and b > j]
+    return p, v, j, enc, ids, digit_pos
+
+
 def clone_cache(cfg, kv):
     c = DynamicCache(config=cfg)
     for i, (k, v) in enumerate(kv):
@@ -221,12 +233,7 @@ def main():
     eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     print(f"loaded {time.time() - t0:.1f}s", flush=True)
     for sample in [int(s) for s in args.samples.split(",")]:
-        row = make_sample(tok, "niah_single", 4096, 0, sample)
-        p, v = row["prompt"], row["answers"][0]
-        j = p.find(v)
-        enc = tok(p, add_special_tokens=False, return_offsets_mapping=True)
-        ids = torch.tensor([enc.input_ids])
-        digit_pos = [i for i, (a, b) in enumerate(enc.offset_mapping) if a < j + len(v) and b > j]
+        p, v, j, enc, ids, digit_pos = needle_sample(tok, sample)
         S.needle_pages = sorted({i // PS for i in digit_pos})
         jk = p.rfind("One of the special magic numbers", 0, j)
         needle_pos = [i for i, (a, b) in enumerate(enc.offset_mapping) if a < j + len(v) + 1 and b > jk]
