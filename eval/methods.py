@@ -14,6 +14,7 @@ budget in tokens per KV head visible to decode attention:
 | flexicache_random_unstable | as many unstable heads as the profile, drawn at random (seeded) | same |
 | streamingllm | 4 sink tokens + the newest tokens | budget tokens |
 | snapkv | SnapKV prefill eviction (window 32, pooling 5), the window slides during decode | budget tokens |
+| oracle_pages | every head, every step: the top-K pages by true attention mass (+ the current page), computed from all keys: the ceiling of any page selector, not a method | as flexicache |
 
 FlexiCache attends, besides its top-K pages, to the page holding the newest token (up to page_size - 1
 older tokens) and stable heads to the pages created since their last rerank (<= rerank_interval
@@ -187,6 +188,19 @@ class SnapKV(Method):
         return peers.snapkv_cache(ctx.config, budget, prefill.kv, prefill.queries, ctx.scaling, self.window, self.kernel)
 
 
+@dataclass
+class OraclePages(FlexiCacheMethod):
+    """The page-selection ceiling: FlexiCache's budget, pages chosen by their true attention mass."""
+
+    name: str = "oracle_pages"
+
+    def empty_cache(self, ctx, budget, prompt_len):
+        return peers.oracle_cache(ctx.config, self.topk_pages(ctx, budget, prompt_len), ctx.page_size)
+
+    def make_cache(self, ctx, budget, prefill):
+        return peers.oracle_cache(ctx.config, self.topk_pages(ctx, budget, prefill.length), ctx.page_size, prefill.kv)
+
+
 def registry() -> dict[str, Method]:
     """Every method by name (fresh objects)."""
     return {
@@ -200,6 +214,7 @@ def registry() -> dict[str, Method]:
             FlexiCacheMethod(name="flexicache_random_unstable", profile="random", seed=0),
             StreamingLLM(),
             SnapKV(),
+            OraclePages(),
         )
     }
 

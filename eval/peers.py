@@ -1,4 +1,5 @@
-"""Eviction baselines written for Transformers 5.x (kvpress pins transformers < 5.3): StreamingLLM and SnapKV.
+"""Baselines written for Transformers 5.x (kvpress pins transformers < 5.3): StreamingLLM and SnapKV
+(eviction), and the page-selection oracle (a ceiling, not a method anyone can run).
 
 Both are `transformers.Cache`s of `EvictionLayer`s. A layer keeps two parts per KV head:
 
@@ -23,9 +24,14 @@ from __future__ import annotations
 
 import sys
 
+import math
+
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from flexicache_hf.cache import FlexiKV
 
 
 class EvictionLayer(CacheLayerMixin):
@@ -228,3 +234,66 @@ class capture_query_windows:
 
     def ordered(self, num_layers: int) -> list[torch.Tensor]:
         return [self.queries[i] for i in range(num_layers)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the page-selection oracle
+# ---------------------------------------------------------------------------------------------------
+def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, page_size: int, mask=None):
+    """Decode attention over each KV head's `topk_pages` pages of highest *true* attention mass, plus the
+    page holding the newest token (FlexiCache's budget rule). The mass of a page is the softmax weight of
+    its keys over the whole context, summed over the query heads of the GQA group. No cheaper selector
+    can pick better pages by that measure, so its accuracy is the ceiling of page selection at that budget.
+
+    query [B, Hq, 1, D], keys/values [B, Hkv, T, D]; mask: None, or HF's sdpa mask [B, 1, 1, T] (bool:
+    True attends; float: additive). Returns [B, 1, Hq, D] like sdpa_attention_forward. fp32 inside.
+    """
+    B, Hq, _, D = query.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    G = Hq // Hkv
+    logits = torch.einsum("bhgd,bhtd->bhgt", query.float().view(B, Hkv, G, D), keys.float()) * scale
+    if mask is not None:
+        m = mask[:, :, -1:, -T:]  # [B, 1, 1, T]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    P = math.ceil(T / page_size)
+    current = P - 1  # the newest token's page: always attended, never competes
+    mass = F.pad(logits.softmax(-1).sum(2), (0, P * page_size - T)).view(B, Hkv, P, page_size).sum(-1)
+    chosen = torch.zeros(B, Hkv, P, dtype=torch.bool, device=keys.device)
+    chosen[..., current] = True
+    k = min(topk_pages, current)
+    if k:
+        chosen.scatter_(-1, mass[..., :current].topk(k, dim=-1).indices, True)
+    visible = chosen.repeat_interleave(page_size, dim=-1)[..., :T]  # [B, Hkv, T]
+    probs = logits.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(-1)
+    out = torch.einsum("bhgt,bhtd->bhgd", probs, values.float())
+    return out.reshape(B, 1, Hq, D).to(query.dtype)
+
+
+class OracleLayer(DynamicLayer):
+    """Keeps every K/V (like DynamicCache); a one-token step attends through `oracle_page_attention`,
+    a multi-token forward densely (sdpa), as FlexiCache does. Needs attn_implementation="flexicache"."""
+
+    def __init__(self, topk_pages: int, page_size: int):
+        super().__init__()
+        self.topk_pages, self.page_size = topk_pages, page_size
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._kv = super().update(key_states, value_states, *args, **kwargs)
+        return FlexiKV(self), FlexiKV(self)
+
+    def attend(self, module, query, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        keys, values = self._kv
+        self._kv = None
+        scale = scaling if scaling is not None else module.scaling
+        if query.shape[2] > 1:
+            return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scale, **kwargs)
+        return oracle_page_attention(query, keys, values, scale, self.topk_pages, self.page_size, attention_mask), None
+
+
+def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None) -> Cache:
+    """A cache of `OracleLayer`s, seeded with an uncompressed prompt if given."""
+    cache = Cache(layers=[OracleLayer(topk_pages, page_size) for _ in range(_num_layers(config))])
+    if prefill_kv is not None:
+        for layer, (k, v) in zip(cache.layers, prefill_kv):
+            DynamicLayer.update(layer, k, v)  # concatenation onto an empty tensor: a copy
+    return cache

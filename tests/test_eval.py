@@ -74,7 +74,7 @@ def test_metrics_are_local_evaluate_modules():
 # ---------------------------------------------------------------------------------------------------
 # peers
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["streamingllm", "snapkv", "flexicache", "quest", "flexicache_no_rerank"])
+@pytest.mark.parametrize("method", ["streamingllm", "snapkv", "flexicache", "quest", "flexicache_no_rerank", "oracle_pages"])
 def test_full_budget_equals_dense(tiny, method):
     model, ids = tiny
     ctx = _ctx(model)
@@ -86,6 +86,33 @@ def test_full_budget_equals_dense(tiny, method):
     got = _decode_logits(model, m.make_cache(ctx, None, prefill), prefill, 20)
     assert torch.equal(got.argmax(-1), dense.argmax(-1))
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("T,ps,k,G", [(37, 4, 3, 1), (64, 16, 2, 5), (9, 4, 5, 3), (50, 8, 1, 2)])
+def test_oracle_pages_picks_the_heaviest_pages(T, ps, k, G):
+    """Brute force, one head at a time: the pages of highest softmax mass summed over the group, plus the
+    newest token's page, and attention restricted to them. Odd lengths, partial pages, GQA 1 and 5, a
+    left-padding mask (the first 3 keys of batch row 1 are padding)."""
+    g = torch.Generator().manual_seed(T + ps)
+    B, Hkv, D = 2, 3, 8
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    keys, values = torch.randn(B, Hkv, T, D, generator=g) * 2, torch.randn(B, Hkv, T, D, generator=g)
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, mask)
+    P = -(-T // ps)
+    for b in range(B):
+        for h in range(Hkv):
+            logits = q[b, h * G:(h + 1) * G, 0] @ keys[b, h].T * 0.3  # [G, T]
+            logits[:, ~mask[b, 0, 0]] = float("-inf")
+            w = logits.softmax(-1).sum(0)
+            mass = [float(w[p * ps:(p + 1) * ps].sum()) for p in range(P - 1)]
+            pages = sorted(range(P - 1), key=lambda p: -mass[p])[:k] + [P - 1]
+            keep = torch.zeros(T, dtype=torch.bool)
+            for p in pages:
+                keep[p * ps:(p + 1) * ps] = True
+            want = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ values[b, h]
+            torch.testing.assert_close(got[b, 0, h * G:(h + 1) * G], want, atol=1e-5, rtol=1e-5)
 
 
 def test_streaming_llm_keeps_sinks_and_recent_window(tiny):
