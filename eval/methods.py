@@ -114,6 +114,7 @@ class FlexiCacheMethod(Method):
     profile: str = "model"
     rerank_interval: int | None = 16  # None: never re-rank (an interval longer than the whole decode)
     seed: int = 0
+    score_spread: float = 1.0  # FlexiCacheConfig.score_spread (1.0: the MinMax bound)
 
     def head_profile(self, ctx: Context):
         from flexicache_hf.profiles import HeadProfile
@@ -146,7 +147,7 @@ class FlexiCacheMethod(Method):
         interval = self.rerank_interval if self.rerank_interval is not None else ctx.max_new_tokens + 1
         return FlexiCache(
             ctx.config, profile=self.head_profile(ctx), topk_pages=self.topk_pages(ctx, budget, prompt_len),
-            page_size=ctx.page_size, rerank_interval=interval,
+            page_size=ctx.page_size, rerank_interval=interval, score_spread=self.score_spread,
         )
 
     def make_cache(self, ctx, budget, prefill):
@@ -222,12 +223,19 @@ def registry() -> dict[str, Method]:
 METHOD_NAMES = tuple(registry())
 
 
-def get_methods(names) -> list[Method]:
+def get_methods(names, score_spread: float = 1.0) -> list[Method]:
+    """The methods by name. With score_spread != 1 every MinMax-scoring FlexiCache method uses it and is
+    renamed `<name>_spread<x>`, so its results never mix with the bound's in a resumed results.json."""
     reg = registry()
     unknown = [n for n in names if n not in reg]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(reg)}")
-    return [reg[n] for n in names]
+    out = [reg[n] for n in names]
+    if score_spread != 1.0:
+        for m in out:
+            if isinstance(m, FlexiCacheMethod) and not isinstance(m, OraclePages):
+                m.score_spread, m.name = score_spread, f"{m.name}_spread{score_spread:g}"
+    return out
 
 
 def cache_kv_bytes(cache) -> int | None:

@@ -370,7 +370,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         B, Hg, cap, D = group.kmin.shape
         ids = ops.select_pages(
             q, group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D), self.page_valid, current,
-            self.cfg.topk_pages, append_current, heads, self.cfg.use_kernels,
+            self.cfg.topk_pages, append_current, heads, self.cfg.use_kernels, self.cfg.score_spread,
         )
         return ids.view(B, Hg, -1)
 

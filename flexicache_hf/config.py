@@ -23,6 +23,9 @@ class FlexiCacheConfig:
         calibration_steps: with profile="auto", decode steps during which every head is unstable while
             its page selections are recorded, before the split is decided (two 16-step chunks by default).
         auto_unstable: with profile="auto", the fraction (or count) of KV heads kept unstable.
+        score_spread: weight of the key box's half-width in a page's score, q.c + score_spread * |q|.r
+            (ops.page_scores_ref). 1.0 is Quest's MinMax upper bound, the reference; smaller values rank
+            pages closer to their true attention on small models (docs/accuracy.md, "page scoring").
         use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
             elsewhere; True forces kernels (error if unavailable); False forces the references.
     """
@@ -34,6 +37,7 @@ class FlexiCacheConfig:
     max_cache_len: int | None = None
     calibration_steps: int = 32
     auto_unstable: float = 0.25
+    score_spread: float = 1.0
     use_kernels: bool | str = "auto"
 
     def __post_init__(self):
@@ -59,6 +63,8 @@ class FlexiCacheConfig:
             bad("calibration_steps", self.calibration_steps, "it must be >= 16 (stability is measured over 16-step chunks), e.g. 32")
         if isinstance(self.auto_unstable, bool) or not (0 < self.auto_unstable <= 1 or float(self.auto_unstable).is_integer()):
             bad("auto_unstable", self.auto_unstable, "give a fraction in (0, 1], e.g. 0.25, or a head count")
+        if isinstance(self.score_spread, bool) or not isinstance(self.score_spread, (int, float)) or not 0 <= self.score_spread <= 1:
+            bad("score_spread", self.score_spread, "give a number in [0, 1]: 1.0 is the MinMax bound (the default)")
         if self.use_kernels not in ("auto", True, False):
             bad("use_kernels", self.use_kernels, 'use "auto", True or False')
 

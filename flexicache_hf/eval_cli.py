@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--profile", default=None, help="head profile JSON (default: the shipped one of the model)")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--score-spread", type=float, default=1.0,
+                   help="FlexiCache page scores q.c + x |q|.r (1.0, the default: the MinMax bound); methods get a _spread<x> suffix")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated tasks and texts")
     p.add_argument("--no-resume", action="store_true", help="start a fresh results.json")
     p.add_argument("--no-shared-prefill", action="store_true", help="a full prefill per (method, budget) instead of one per sample")
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
             print(f"[eval] {len(ds)} prompts built in {time.perf_counter() - t1:.1f} s "
                   f"(fingerprint {tasks.dataset_fingerprint(ds)})", flush=True)
             stats["tasks"] = runner.run_tasks(
-                model, tok, ds, M.get_methods(job["methods"]), job["budgets"], store, profile,
+                model, tok, ds, M.get_methods(job["methods"], args.score_spread), job["budgets"], store, profile,
                 method_budgets=job["method_budgets"], page_size=args.page_size, shared_prefill=not args.no_shared_prefill,
                 stop_blank_line=not args.no_stop_blank_line, progress=progress,
             )
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         fid = job.get("fidelity")
         if fid:
             stats["fidelity"] = runner.run_fidelity(
-                model, tok, M.get_methods(fid["methods"]), fid["budgets"], store, profile,
+                model, tok, M.get_methods(fid["methods"], args.score_spread), fid["budgets"], store, profile,
                 prompt_tokens=fid["prompt_tokens"], steps=fid["steps"], kinds=fid["kinds"], seed=args.seed,
                 page_size=args.page_size, progress=progress,
             )

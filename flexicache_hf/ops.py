@@ -43,14 +43,23 @@ def page_minmax_ref(keys: torch.Tensor, valid: torch.Tensor, page_size: int) -> 
     return kmin.masked_fill(empty, 0), kmax.masked_fill(empty, 0)
 
 
-def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spread: float = 1.0) -> torch.Tensor:
     """Quest MinMax upper bound of q.k over each page, max over the GQA group, in fp32.
 
     q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32.
+
+    The bound is q.c + |q|.r with c, r the centre and half-width of the page's key box (c = (kmax+kmin)/2,
+    r = (kmax-kmin)/2). `spread` < 1 weights the half-width down: q.c + spread * |q|.r, no longer a bound
+    but a closer estimate of the page's largest q.k on small models (docs/accuracy.md, "page scoring").
+    spread = 1 is computed elementwise, max(q*kmax, q*kmin), which equals the bound whenever kmin <= kmax.
     """
     acc = _acc(q)
     qf = q.to(acc).unsqueeze(2)  # [N, G, 1, D]
-    per_q = torch.maximum(qf * kmax.to(acc).unsqueeze(1), qf * kmin.to(acc).unsqueeze(1)).sum(-1)  # [N,G,P]
+    kmin, kmax = kmin.to(acc).unsqueeze(1), kmax.to(acc).unsqueeze(1)
+    if spread == 1.0:
+        per_q = torch.maximum(qf * kmax, qf * kmin).sum(-1)  # [N,G,P]
+    else:
+        per_q = (qf * ((kmax + kmin) * 0.5)).sum(-1) + spread * (qf.abs() * ((kmax - kmin) * 0.5)).sum(-1)
     return per_q.amax(dim=1)
 
 
@@ -63,13 +72,13 @@ def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current: bool = False,
-                     heads=None) -> torch.Tensor:
+                     heads=None, spread: float = 1.0) -> torch.Tensor:
     """Decode-time page selection of one head group: the top-k candidate pages per row.
 
     q [N, G, D], or with `heads` [Hg] the layer's query [B, H, G, D] whose heads `heads` are the rows
     (row n = b * Hg + h); kmin, kmax [N, P, D]; page_valid [B, >=P] bool (row n belongs to batch
     n // (N // B)); current: a device tensor [1], the page holding the newest token. Candidates are the
-    valid pages before `current`; their MinMax scores (page_scores_ref) rank them. Returns [N, min(k, P)]
+    valid pages before `current`; their MinMax scores (page_scores_ref, with `spread`) rank them. Returns [N, min(k, P)]
     int64: topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates,
     all of them). With append_current, `current` follows as one more column: the page table unstable
     heads attend to.
@@ -77,7 +86,7 @@ def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current:
     if heads is not None:
         q = q[:, heads].reshape(-1, *q.shape[2:])
     N, P = kmin.shape[:2]
-    scores = page_scores_ref(q, kmin, kmax)
+    scores = page_scores_ref(q, kmin, kmax, spread)
     batch = torch.arange(N, device=q.device) // (N // page_valid.shape[0])
     cand = page_valid[batch, :P] & (torch.arange(P, device=q.device) < current)
     ids = topk_pages_ref(scores.masked_fill(~cand, NEG_INF), min(k, P))
@@ -217,13 +226,14 @@ def page_minmax(keys, valid, page_size, use_kernels="auto"):
     return _run("page_minmax", page_minmax_ref, keys, use_kernels, keys, valid, page_size)
 
 
-def page_scores(q, kmin, kmax, use_kernels="auto"):
-    return _run("page_scores", page_scores_ref, q, use_kernels, q, kmin, kmax)
+def page_scores(q, kmin, kmax, use_kernels="auto", spread=1.0):
+    return _run("page_scores", page_scores_ref, q, use_kernels, q, kmin, kmax, spread)
 
 
-def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto"):
+def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
+                 spread=1.0):
     return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k,
-                append_current, heads)
+                append_current, heads, spread)
 
 
 def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):

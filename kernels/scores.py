@@ -1,4 +1,4 @@
-"""Page scores: Quest MinMax upper bound of q.k per page, max over the GQA group, fp32.
+"""Page scores: Quest MinMax upper bound of q.k per page (or its spread-weighted form), max over the GQA group, fp32.
 
 Semantics: ``flexicache_hf.ops.page_scores_ref``. One program scores BLOCK_P pages of one row for the
 whole group, so kmin/kmax (the only large input) are read once. The bound is computed elementwise,
@@ -24,9 +24,9 @@ NUM_WARPS = 2
 @triton.jit
 def _page_scores_kernel(
     Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, VALID, CURRENT, s_vb, rows_per_batch,
-    HEADS, H,
+    HEADS, H, spread,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr,
-    MAPPED: tl.constexpr, PDL: tl.constexpr,
+    MAPPED: tl.constexpr, BOUND: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # let the next kernel of the chain launch now (it waits for our end before it reads our output
         gdc_launch_dependents()  # or writes), then wait for the kernels before (they wrote q, the metadata)
@@ -46,10 +46,16 @@ def _page_scores_kernel(
     kmax = tl.load(KMAX + n.to(tl.int64) * s_xn + p64[:, None] * s_xp + offs_d[None, :], mask=mask, other=0.0)
     kmin = kmin.to(tl.float32)
     kmax = kmax.to(tl.float32)
+    if not BOUND:  # centre and half-width of the key box (ops.page_scores_ref)
+        centre = (kmax + kmin) * 0.5
+        half = (kmax - kmin) * 0.5
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(G):  # G is small (1..8 in practice): unrolled
         qg = tl.load(Q + qrow * s_qn + g * s_qg + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        best = tl.maximum(best, tl.sum(tl.maximum(qg * kmax, qg * kmin), 1))
+        if BOUND:
+            best = tl.maximum(best, tl.sum(tl.maximum(qg * kmax, qg * kmin), 1))
+        else:
+            best = tl.maximum(best, tl.sum(qg * centre, 1) + spread * tl.sum(tl.abs(qg) * half, 1))
     if MASKED:  # candidates: valid pages before the current one (select_pages)
         ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
         ok = ok & (offs_p < tl.load(CURRENT))
@@ -58,7 +64,7 @@ def _page_scores_kernel(
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid=None, current=None,
-                heads=None) -> torch.Tensor:
+                heads=None, spread: float = 1.0) -> torch.Tensor:
     """q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32 (see ops.page_scores_ref).
 
     With page_valid [B, >=P] bool and current (a device tensor [1]): -inf wherever a page is not a
@@ -92,7 +98,7 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         args = (out, out, 0, rows_per_batch or 1)  # unused (MASKED=False)
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
-        kmax.stride(0), kmax.stride(1), *args, *map_args, G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, num_warps=NUM_WARPS, **pdl(q.device),
+        kmax.stride(0), kmax.stride(1), *args, *map_args, float(spread), G=G, D=D, D_PAD=max(16, next_pow2(D)),
+        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, BOUND=spread == 1.0, num_warps=NUM_WARPS, **pdl(q.device),
     )
     return out

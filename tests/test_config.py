@@ -21,6 +21,9 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
         (dict(use_kernels="yes"), "use_kernels"),
         (dict(max_cache_len=0), "max_cache_len=0 is invalid: give the prompt \\+ new tokens"),
         (dict(max_cache_len=4096.0), "max_cache_len=4096.0 is invalid"),
+        (dict(score_spread=1.5), "score_spread=1.5 is invalid: give a number in \\[0, 1\\]"),
+        (dict(score_spread=-0.1), "score_spread=-0.1 is invalid"),
+        (dict(score_spread="0.5"), "score_spread='0.5' is invalid"),
     ],
 )
 def test_config_rejects(knobs, match):
@@ -31,6 +34,7 @@ def test_config_rejects(knobs, match):
 def test_config_defaults_are_the_papers():
     c = FlexiCacheConfig()
     assert (c.page_size, c.topk_pages, c.rerank_interval) == (16, 64, 16)
+    assert c.score_spread == 1.0  # Quest's MinMax bound
     assert c.resident_slots == 64 + 1 + 1
 
 

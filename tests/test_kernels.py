@@ -162,6 +162,39 @@ def test_kernel_page_scores(dtype, G, D):
     check(out, ops.page_scores_ref(q, kmin, kmax), torch.float32 if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize("spread", [0.0, 0.5, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_page_scores_spread(dtype, spread):
+    """q.c + spread |q|.r (centre and half-width of the key box), masked and mapped as the bound is; G 1 and 5."""
+    for G in (1, 5):
+        N, P, D = 6, 29, 64
+        q = torch.randn(N, G, D, device=DEV).to(dtype)
+        a, b = torch.randn(2, N, P, D, device=DEV).to(dtype)
+        kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
+        check(scores.page_scores(q, kmin, kmax, spread=spread), ops.page_scores_ref(q, kmin, kmax, spread),
+              torch.float32 if dtype == torch.float32 else dtype)
+        page_valid = torch.rand(2, P, device=DEV) > 0.2
+        current = torch.tensor([23], device=DEV)
+        got = select.select_pages(q, kmin, kmax, page_valid, current, 7, spread=spread)
+        masked = scores.page_scores(q, kmin, kmax, page_valid, current, spread=spread)
+        assert torch.equal(got, ops.topk_pages_ref(masked, 7))
+
+
+def test_page_scores_ref_spread():
+    """spread 1 is the bound (the centre/half-width form equals the elementwise max when kmin <= kmax);
+    spread 0 is the box centre's q.c; scores fall monotonically with the spread."""
+    q = torch.randn(3, 4, 32, dtype=torch.float64)
+    a, b = torch.randn(2, 3, 11, 32, dtype=torch.float64)
+    kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
+    bound = ops.page_scores_ref(q, kmin, kmax)
+    c, r = (kmax + kmin) / 2, (kmax - kmin) / 2
+    per_q = lambda s: (torch.einsum("ngd,npd->ngp", q, c) + s * torch.einsum("ngd,npd->ngp", q.abs(), r)).amax(1)  # noqa: E731
+    torch.testing.assert_close(bound, per_q(1.0))
+    torch.testing.assert_close(ops.page_scores_ref(q, kmin, kmax, 0.0), per_q(0.0))
+    assert (ops.page_scores_ref(q, kmin, kmax, 0.5) <= bound + 1e-12).all()
+    assert (ops.page_scores_ref(q, kmin, kmax, 0.0) <= ops.page_scores_ref(q, kmin, kmax, 0.5) + 1e-12).all()
+
+
 def test_kernel_page_scores_any_kmin_kmax_and_strides():
     """Elementwise max(q*kmax, q*kmin), even where kmin > kmax; non-contiguous rows."""
     q = torch.randn(4, 3, 80, device=DEV)

@@ -24,7 +24,7 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
             if current <= K:
                 sel = torch.zeros(B, current, dtype=torch.bool) | page_ok[:, :current]
             else:
-                s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current])
+                s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current], cfg.score_spread)
                 s = s.masked_fill(~page_ok[:, :current], float("-inf"))
                 # ties go to the lower page (a padding token's zero query scores every page 0)
                 idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :K]
@@ -51,15 +51,17 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_sparse_decode_matches_oracle(device):
-    """On CUDA the reranks' promotions run on the copy stream, overlapped: the same pages must be read."""
+@pytest.mark.parametrize("spread", [1.0, 0.5])
+def test_sparse_decode_matches_oracle(device, spread):
+    """On CUDA the reranks' promotions run on the copy stream, overlapped: the same pages must be read.
+    spread 0.5: the cache scores pages with the configured score_spread."""
     _, fc = tiny_pair("llama", 8, 2, 32, dtype=torch.float64, layers=2)
     fc = fc.to(device)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     ids[1, :29], mask[1, :29] = 0, 0
     ids, mask = ids.to(device), mask.to(device)
-    cache = make_cache(fc, topk_pages=4, page_size=8, rerank_interval=5, use_kernels=False)
+    cache = make_cache(fc, topk_pages=4, page_size=8, rerank_interval=5, use_kernels=False, score_spread=spread)
     rec = Recorder(cache)
     seen = []
     orig = FlexiCacheLayer._decode
