@@ -111,11 +111,18 @@ class _CacheGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.captures = self.replays = 0  # counts, for tests and benchmarks
 
+    def reset(self) -> None:
+        """Drop every graph, and start a new memory pool: once its graphs are gone, PyTorch refuses to
+        capture into a pool that still holds live tensors (an INTERNAL ASSERT, use_count > 0, at the next
+        capture), and a graph's outputs may outlive it."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.pool = torch.cuda.graph_pool_handle()
+
     def step(self, forward, cache: FlexiCache, state, call, inputs):
         cache.join_promotions()  # an eager step's background promotion, before a replay reads the slots
         if state.buffers != self.buffers:  # some buffer was replaced: every graph reads stale addresses
-            self.graphs.clear()
-            self.seen.clear()
+            self.reset()
             self.buffers = state.buffers
         key = (state.flags, call)
         entry = self.graphs.get(key)

@@ -112,6 +112,32 @@ def test_graphs_survive_buffer_growth():
     _assert_same_kv(cache, eager_cache)
 
 
+@cuda
+def test_reset_starts_a_new_pool_when_tensors_outlive_the_graphs():
+    """A long generation past the reserved capacity (Qwen, 8-token pages, 2,048 steps) failed at the next
+    capture with PyTorch's INTERNAL ASSERT use_count > 0: every graph of the pool had been dropped while a
+    tensor allocated during a capture was still alive. After reset() capturing works again."""
+    from flexicache_hf.graphs import _CacheGraphs
+
+    g = _CacheGraphs()
+    old = g.pool
+    graph = torch.cuda.CUDAGraph()
+    x = torch.ones(1024, device="cuda")
+    with torch.cuda.graph(graph, pool=g.pool):
+        kept = x * 2  # allocated from the pool, and kept past its graph
+    graph.replay()  # a capture only records: the replay computes `kept`
+    g.graphs["step"] = (graph, {}, kept)
+    del graph
+    g.reset()
+    assert not g.graphs and g.pool != old
+    again = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(again, pool=g.pool):
+        y = kept + 1
+    again.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 3.0))
+
+
 def _scalars(obj) -> dict:
     return {k: v for k, v in vars(obj).items() if isinstance(v, (int, bool)) and not k.startswith("_")}
 
