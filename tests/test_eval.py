@@ -229,8 +229,11 @@ def test_ablation_profiles(tiny):
         reg["flexicache"].topk_pages(ctx, 30, 100)  # not a page multiple
     assert set(M.METHOD_NAMES) == {
         "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest",
-        "flexicache_random_unstable", "streamingllm", "snapkv",
+        "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages",
     }
+    spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
+    assert [m.name for m in spread] == ["flexicache_spread0.5", "quest_spread0.5", "oracle_pages", "snapkv"]
+    assert spread[0].score_spread == 0.5 and spread[0].empty_cache(ctx, 64, 100).config.score_spread == 0.5
 
 
 def test_small_budget_differs_from_dense(tiny):
