@@ -148,6 +148,7 @@ class FlexiCacheMethod(Method):
         return FlexiCache(
             ctx.config, profile=self.head_profile(ctx), topk_pages=self.topk_pages(ctx, budget, prompt_len),
             page_size=ctx.page_size, rerank_interval=interval, score_spread=self.score_spread,
+            max_cache_len=prompt_len + ctx.max_new_tokens + 1,  # buffers and pinned pool sized once per request
         )
 
     def make_cache(self, ctx, budget, prefill):
