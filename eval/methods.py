@@ -68,6 +68,14 @@ class Context:
         text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         return text.num_hidden_layers, (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
 
+    def topk_pages(self, budget: int | None, prompt_len: int) -> int:
+        """Pages per head for a budget in tokens (FlexiCache and the page oracle); None: the whole context."""
+        if budget is None:
+            return math.ceil((prompt_len + self.max_new_tokens + 1) / self.page_size)
+        if budget % self.page_size:
+            raise ValueError(f"budget {budget} is not a multiple of the page size {self.page_size}")
+        return budget // self.page_size
+
     @property
     def scaling(self) -> float:
         text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
@@ -132,13 +140,6 @@ class FlexiCacheMethod(Method):
             return HeadProfile(L, H, chosen, {"source": f"random unstable set, seed {self.seed}, size of the model profile"})
         raise ValueError(f"unknown profile kind {self.profile!r}")
 
-    def topk_pages(self, ctx: Context, budget: int | None, prompt_len: int) -> int:
-        if budget is None:
-            return math.ceil((prompt_len + ctx.max_new_tokens + 1) / ctx.page_size)
-        if budget % ctx.page_size:
-            raise ValueError(f"budget {budget} is not a multiple of the page size {ctx.page_size}")
-        return budget // ctx.page_size
-
     def empty_cache(self, ctx, budget, prompt_len):
         from flexicache_hf import FlexiCache
 
@@ -146,7 +147,7 @@ class FlexiCacheMethod(Method):
         # so the interval is the decode length + 1 (the first decode step selects, none after)
         interval = self.rerank_interval if self.rerank_interval is not None else ctx.max_new_tokens + 1
         return FlexiCache(
-            ctx.config, profile=self.head_profile(ctx), topk_pages=self.topk_pages(ctx, budget, prompt_len),
+            ctx.config, profile=self.head_profile(ctx), topk_pages=ctx.topk_pages(budget, prompt_len),
             page_size=ctx.page_size, rerank_interval=interval, score_spread=self.score_spread,
             max_cache_len=prompt_len + ctx.max_new_tokens + 1,  # buffers and pinned pool sized once per request
         )
@@ -191,16 +192,16 @@ class SnapKV(Method):
 
 
 @dataclass
-class OraclePages(FlexiCacheMethod):
+class OraclePages(Method):
     """The page-selection ceiling: FlexiCache's budget, pages chosen by their true attention mass."""
 
     name: str = "oracle_pages"
 
     def empty_cache(self, ctx, budget, prompt_len):
-        return peers.oracle_cache(ctx.config, self.topk_pages(ctx, budget, prompt_len), ctx.page_size)
+        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prompt_len), ctx.page_size)
 
     def make_cache(self, ctx, budget, prefill):
-        return peers.oracle_cache(ctx.config, self.topk_pages(ctx, budget, prefill.length), ctx.page_size, prefill.kv)
+        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prefill.length), ctx.page_size, prefill.kv)
 
 
 def registry() -> dict[str, Method]:
@@ -234,7 +235,7 @@ def get_methods(names, score_spread: float = 1.0) -> list[Method]:
     out = [reg[n] for n in names]
     if score_spread != 1.0:
         for m in out:
-            if isinstance(m, FlexiCacheMethod) and not isinstance(m, OraclePages):
+            if isinstance(m, FlexiCacheMethod):
                 m.score_spread, m.name = score_spread, f"{m.name}_spread{score_spread:g}"
     return out
 

@@ -22,9 +22,8 @@ window slides (the selected prompt tokens stay): the cache stays at the budget.
 
 from __future__ import annotations
 
-import sys
-
 import math
+import sys
 
 import torch
 import torch.nn.functional as F

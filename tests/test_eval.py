@@ -223,10 +223,10 @@ def test_ablation_profiles(tiny):
     r1 = reg["flexicache_random_unstable"].head_profile(ctx)
     r2 = M.registry()["flexicache_random_unstable"].head_profile(ctx)
     assert len(r1.unstable) == len(ctx.profile.unstable) and r1.unstable == r2.unstable  # same size, seeded
-    assert reg["flexicache"].topk_pages(ctx, 64, 100) == 16
-    assert reg["flexicache"].topk_pages(ctx, None, 100) == math.ceil((100 + 32 + 1) / 4)
+    assert ctx.topk_pages(64, 100) == 16
+    assert ctx.topk_pages(None, 100) == math.ceil((100 + 32 + 1) / 4)
     with pytest.raises(ValueError):
-        reg["flexicache"].topk_pages(ctx, 30, 100)  # not a page multiple
+        ctx.topk_pages(30, 100)  # not a page multiple
     assert set(M.METHOD_NAMES) == {
         "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest",
         "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages",
