@@ -1,6 +1,7 @@
 """End-to-end checks and benchmark of FlexiCache inside generate() on one GPU, in one run.
 
     python benchmarks/gpu_e2e.py [--skip-real] [--shapes 32768x1 32768x4 10240x16] [--new 64] [--layers 32]
+                                 [--sketch-bits 2]
                                  [--throughput --budget-gib 40 --prompt 30000 --outputs 1000]
 
 1. Correctness on SmolLM2-135M-Instruct (fp32, Triton kernels): full budget -> the same greedy tokens
@@ -141,6 +142,7 @@ def _bench(model, cache_fn, ctx, batch, new) -> dict:
         "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
         "gpu_kv_gib": kv / 2**30,
         "host_kv_gib": rep.get("host_kv_bytes", 0) / 2**30,
+        "metadata_gib": rep.get("metadata_bytes", 0) / 2**30,
     }
 
 
@@ -235,6 +237,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--sketch-bits", type=int, default=0,
+                    help="per shape, also FlexiCache (graphs) scoring pages by a key sketch of this many bits")
     ap.add_argument("--sweep", nargs="*", type=int, default=[], help="contexts for a batch-1 sweep (dense vs graphs)")
     ap.add_argument("--json", help="write the sweep here (benchmarks/plot_e2e.py draws it)")
     ap.add_argument("--chunked", nargs="*", type=int, default=[],
@@ -258,6 +262,7 @@ def main(argv=None):
 
     model = llama8b(args.layers)
     rows = []
+    sketched = []
     sweep = []
     if args.sweep:  # batch 1 across contexts: dense eager against FlexiCache with CUDA-graph decode
         bench(model, lambda: DynamicCache(config=model.config), 2048, 1, 4)  # warm-up: the first run is cold
@@ -284,6 +289,11 @@ def main(argv=None):
         offl = bench(model, lambda: DynamicCache(config=model.config, offloading=True), ctx, batch, args.new)
         rows.append((ctx, batch, dense, eager, graphs, offl))
         print(ctx, batch, dense, eager, graphs, offl, flush=True)
+        if args.sketch_bits:
+            sk = bench(model, lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16,
+                                                 sketch_bits=args.sketch_bits), ctx, batch, args.new, graphs=True)
+            sketched.append((ctx, batch, dense, graphs, sk))
+            print("sketch", sk, flush=True)
     tput = throughput(model, args.budget_gib, args.prompt, args.outputs) if args.throughput else []
     chunked = []
     for batch in args.chunked:  # generate(prefill_chunk_size=4096, max_new_tokens=1): prefill time
@@ -306,6 +316,14 @@ def main(argv=None):
             f"{g['gpu_kv_gib']:.2f} | {1 - g['gpu_kv_gib'] / d['gpu_kv_gib']:.0%} | {g['host_kv_gib']:.2f} | "
             f"{d['peak_gib']:.1f} | {g['peak_gib']:.1f} |"
         )
+    if sketched:
+        print(f"\n| ctx | batch | dense decode ms/tok | FlexiCache graphs ms/tok: MinMax bound | {args.sketch_bits}-bit key sketch | "
+              "sketch vs bound | sketch vs dense | metadata GiB: bound | sketch | peak GiB: bound | sketch |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
+        for ctx, batch, d, g, k in sketched:
+            print(f"| {ctx} | {batch} | {d['decode_ms']:.1f} | {g['decode_ms']:.1f} | {k['decode_ms']:.1f} | "
+                  f"{k['decode_ms'] / g['decode_ms']:.2f}x | {d['decode_ms'] / k['decode_ms']:.2f}x | {g['metadata_gib']:.2f} | "
+                  f"{k['metadata_gib']:.2f} | {g['peak_gib']:.1f} | {k['peak_gib']:.1f} |")
     print("\n".join(tput))
     if chunked:
         print("\n| prompt | batch | dense chunked prefill s | FlexiCache steady s | FlexiCache first request s | "

@@ -55,6 +55,13 @@ def scores_for(q, keys, ps, scale):
     out["mean"] = torch.einsum("hgd,hpd->hgp", q, kmean).amax(1)
     # the group's bounds pooled as softmax logits would be (a sum over the group, not the max)
     out["minmax_lse"] = ((centre + spread) * scale).logsumexp(1)
+    # per-token key sketches inside the page's box: b bits per channel, the box split into 2^b levels
+    for bits in (1, 2):
+        n = 2 ** bits
+        lvl = ((pk - kmin[:, :, None]) / (kmax - kmin).clamp_min(1e-12)[:, :, None] * n).floor().clamp(0, n - 1)
+        khat = kmin[:, :, None] + (lvl + 0.5) / n * (kmax - kmin)[:, :, None]  # each level's midpoint
+        out[f"sketch{bits}b"] = torch.einsum("hgd,hptd->hgpt", q, khat).amax(-1).amax(1)
+    out["exactmax"] = torch.einsum("hgd,hptd->hgpt", q, pk).amax(-1).amax(1)
     return out
 
 

@@ -123,6 +123,7 @@ class FlexiCacheMethod(Method):
     rerank_interval: int | None = 16  # None: never re-rank (an interval longer than the whole decode)
     seed: int = 0
     score_spread: float = 1.0  # FlexiCacheConfig.score_spread (1.0: the MinMax bound)
+    sketch_bits: int = 0  # FlexiCacheConfig.sketch_bits (0: no key sketch)
 
     def head_profile(self, ctx: Context):
         from flexicache_hf.profiles import HeadProfile
@@ -149,6 +150,7 @@ class FlexiCacheMethod(Method):
         return FlexiCache(
             ctx.config, profile=self.head_profile(ctx), topk_pages=ctx.topk_pages(budget, prompt_len),
             page_size=ctx.page_size, rerank_interval=interval, score_spread=self.score_spread,
+            sketch_bits=self.sketch_bits,
             max_cache_len=prompt_len + ctx.max_new_tokens + 1,  # buffers and pinned pool sized once per request
         )
 
@@ -225,9 +227,10 @@ def registry() -> dict[str, Method]:
 METHOD_NAMES = tuple(registry())
 
 
-def get_methods(names, score_spread: float = 1.0) -> list[Method]:
-    """The methods by name. With score_spread != 1 every MinMax-scoring FlexiCache method uses it and is
-    renamed `<name>_spread<x>`, so its results never mix with the bound's in a resumed results.json."""
+def get_methods(names, score_spread: float = 1.0, sketch_bits: int = 0) -> list[Method]:
+    """The methods by name. With score_spread != 1 (or sketch_bits > 0) every FlexiCache method uses it
+    and is renamed `<name>_spread<x>` (`<name>_sketch<b>`), so its results never mix with the MinMax
+    bound's in a resumed results.json."""
     reg = registry()
     unknown = [n for n in names if n not in reg]
     if unknown:
@@ -237,6 +240,10 @@ def get_methods(names, score_spread: float = 1.0) -> list[Method]:
         for m in out:
             if isinstance(m, FlexiCacheMethod):
                 m.score_spread, m.name = score_spread, f"{m.name}_spread{score_spread:g}"
+    if sketch_bits:
+        for m in out:
+            if isinstance(m, FlexiCacheMethod):
+                m.sketch_bits, m.name = sketch_bits, f"{m.name}_sketch{sketch_bits}"
     return out
 
 

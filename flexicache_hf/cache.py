@@ -76,6 +76,9 @@ class FlexiCacheLayer(CacheLayerMixin):
         B, H, T, D = key_states.shape
         if H != self.num_kv_heads:
             raise ValueError(f"layer {self.layer_idx}: got {H} KV heads, the cache was built for {self.num_kv_heads}")
+        if D * self.cfg.sketch_bits % 8:
+            raise ValueError(f"sketch_bits={self.cfg.sketch_bits} needs head_dim * sketch_bits to be a multiple of 8 "
+                             f"(head_dim is {D}); use sketch_bits=4 or 0")
         self.batch, self.head_dim = B, D
         self.dtype, self.device = key_states.dtype, key_states.device
         ps, cfg = self.cfg.page_size, self.cfg
@@ -85,10 +88,10 @@ class FlexiCacheLayer(CacheLayerMixin):
             pages = math.ceil(max(T, 1) / ps) + cfg.host_headroom_pages
         self.dense = self.offloaded = None
         if self.unstable:
-            self.dense = DenseHeads(B, len(self.unstable), D, ps, pages, self.dtype, self.device)
+            self.dense = DenseHeads(B, len(self.unstable), D, ps, pages, cfg.sketch_bits, self.dtype, self.device)
         if self.stable:
             self.offloaded = OffloadedHeads(
-                B, len(self.stable), D, ps, cfg.resident_slots, pages, pages, self.dtype, self.device
+                B, len(self.stable), D, ps, cfg.resident_slots, pages, pages, cfg.sketch_bits, self.dtype, self.device
             )
         self.u_idx = torch.tensor(self.unstable, device=self.device, dtype=torch.long)
         self.s_idx = torch.tensor(self.stable, device=self.device, dtype=torch.long)
@@ -99,7 +102,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         self._page_offsets = torch.arange(ps, device=self.device)
         self.length = 0
         self.version += 1
-        self.meta_pages = 0  # pages 0 .. meta_pages-1 have MinMax metadata
+        self.meta_pages = 0  # pages 0 .. meta_pages-1 have selection metadata
         self.decode_steps = 0  # since the last full selection
         self.need_select = True  # after any multi-token forward every head selects afresh
         self.pending = None
@@ -133,7 +136,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         if self.dense is not None:
             self.dense.reserve(pages)
         if self.offloaded is not None:
-            self.offloaded.reserve_metadata(pages)
+            self.offloaded.meta.reserve(pages)
 
     # ---- update: store -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -193,9 +196,7 @@ class FlexiCacheLayer(CacheLayerMixin):
             if group is None:
                 continue
             keys = group.k.index_select(2, tokens) if group is self.dense else group.current_page()[0][:, :, 0]
-            kmin, kmax = ops.page_minmax(keys, valid, ps, self.cfg.use_kernels)
-            group.kmin.index_copy_(2, page, kmin)
-            group.kmax.index_copy_(2, page, kmax)
+            group.meta.write(page, *self._metadata(keys, valid))
         self.page_valid.index_copy_(1, page, valid.any(-1, keepdim=True))
 
     def advance_decode(self, flags: DecodeFlags) -> None:
@@ -212,7 +213,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         """Whether `tokens` tokens fit without growing any buffer."""
         pages = math.ceil(tokens / self.cfg.page_size)
         caps = [self.page_valid.shape[1], self.kv_valid.shape[1] // self.cfg.page_size]
-        caps += [g.kmin.shape[2] for g in (self.dense, self.offloaded) if g is not None]
+        caps += [g.meta.capacity_pages for g in (self.dense, self.offloaded) if g is not None]
         return pages <= min(caps)
 
     def graph_key(self):
@@ -307,8 +308,15 @@ class FlexiCacheLayer(CacheLayerMixin):
             row = row == 0  # additive float mask: 0 attends, -inf / dtype-min does not
         self.kv_valid[:, start : start + n] = row.expand(self.batch, -1)
 
+    def _metadata(self, keys, valid):
+        """Selection metadata of whole pages: keys [B, H, n * page_size, D], valid [B, n * page_size] ->
+        kmin, kmax [B, H, n, D] and the key sketch codes (None unless sketch_bits; memory.PageMetadata)."""
+        ps, bits = self.cfg.page_size, self.cfg.sketch_bits
+        kmin, kmax = ops.page_minmax(keys, valid, ps, self.cfg.use_kernels)
+        return kmin, kmax, ops.page_sketch(keys, valid, kmin, kmax, ps, bits) if bits else None
+
     def _write_metadata(self, merged=None, by_group=None) -> None:
-        """MinMax metadata for the pages that filled since the last call, from the whole context's keys:
+        """Selection metadata for the pages that filled since the last call, from the whole context's keys:
         `merged` [B, H, T, D] for every head, or `by_group` [(group, keys of its heads)]."""
         ps = self.cfg.page_size
         p0, p1 = self.meta_pages, self.length // ps
@@ -317,14 +325,13 @@ class FlexiCacheLayer(CacheLayerMixin):
         lo, hi = p0 * ps, p1 * ps
         valid = self.kv_valid[:, p0 * ps : p1 * ps]
         if merged is not None:
-            kmin, kmax = ops.page_minmax(merged[:, :, lo:hi], valid, ps, self.cfg.use_kernels)
-            pieces = zip((self.dense, self.offloaded), self._split(kmin), self._split(kmax))
+            meta = [self._split(t) if t is not None else (None, None) for t in self._metadata(merged[:, :, lo:hi], valid)]
+            pieces = zip((self.dense, self.offloaded), *meta)
         else:
-            pieces = [(g, *ops.page_minmax(k[:, :, lo:hi], valid, ps, self.cfg.use_kernels)) for g, k in by_group]
-        for group, mn, mx in pieces:
+            pieces = [(g, *self._metadata(k[:, :, lo:hi], valid)) for g, k in by_group]
+        for group, *meta in pieces:
             if group is not None:
-                group.kmin[:, :, p0:p1] = mn
-                group.kmax[:, :, p0:p1] = mx
+                group.meta.write(slice(p0, p1), *meta)
         self.page_valid[:, p0:p1] = valid.view(self.batch, -1, ps).any(-1)
         self.meta_pages = p1
 
@@ -367,12 +374,12 @@ class FlexiCacheLayer(CacheLayerMixin):
         (ops.select_pages_ref), with append_current `current` as a last column. Scores cover the whole
         metadata capacity (a fixed shape) with the non-candidates masked; with at most K candidates
         every one is selected."""
-        B, Hg, cap, D = group.kmin.shape
+        kmin, kmax, codes = group.meta.rows()
         ids = ops.select_pages(
-            q, group.kmin.view(B * Hg, cap, D), group.kmax.view(B * Hg, cap, D), self.page_valid, current,
-            self.cfg.topk_pages, append_current, heads, self.cfg.use_kernels, self.cfg.score_spread,
+            q, kmin, kmax, self.page_valid, current, self.cfg.topk_pages, append_current, heads,
+            self.cfg.use_kernels, self.cfg.score_spread, codes,
         )
-        return ids.view(B, Hg, -1)
+        return ids.view(self.batch, len(heads), -1)
 
     # ---- whole-context views -------------------------------------------------------------------
     def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,7 +498,7 @@ class FlexiCacheLayer(CacheLayerMixin):
             "unstable_gpu_kv_bytes": unstable,
             "stable_gpu_kv_bytes": stable,
             "host_kv_bytes": self.offloaded.host_bytes() if self.offloaded is not None else 0,
-            "metadata_bytes": 2 * self.batch * self.num_kv_heads * self.meta_pages * self.head_dim * es,
+            "metadata_bytes": sum(g.meta.nbytes(self.meta_pages) for g in (self.dense, self.offloaded) if g is not None),
             "dense_kv_bytes": 2 * self.batch * self.num_kv_heads * self.length * self.head_dim * es,
         }
 

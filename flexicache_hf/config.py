@@ -26,6 +26,12 @@ class FlexiCacheConfig:
         score_spread: weight of the key box's half-width in a page's score, q.c + score_spread * |q|.r
             (ops.page_scores_ref). 1.0 is Quest's MinMax upper bound, the reference; smaller values rank
             pages closer to their true attention on small models (docs/accuracy.md, "page scoring").
+        sketch_bits: 0 (the default) scores pages by the MinMax bound alone. 1, 2 or 4: also keep every
+            token's key quantised to that many bits per channel inside its page's min/max box, and score a
+            page by its best sketched q.k (ops.page_scores_ref). Ranks pages much closer to their true
+            attention (2 bits: within 2% of exact per-token keys' ranking, docs/accuracy.md) for
+            page_size * head_dim * sketch_bits / 8 more bytes of GPU metadata per page and head (2 bits,
+            pages of 16, head_dim 64: as much again as kmin/kmax in bf16, 1/16 of the page's K/V).
         use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
             elsewhere; True forces kernels (error if unavailable); False forces the references.
     """
@@ -38,6 +44,7 @@ class FlexiCacheConfig:
     calibration_steps: int = 32
     auto_unstable: float = 0.25
     score_spread: float = 1.0
+    sketch_bits: int = 0
     use_kernels: bool | str = "auto"
 
     def __post_init__(self):
@@ -65,6 +72,11 @@ class FlexiCacheConfig:
             bad("auto_unstable", self.auto_unstable, "give a fraction in (0, 1], e.g. 0.25, or a head count")
         if isinstance(self.score_spread, bool) or not isinstance(self.score_spread, (int, float)) or not 0 <= self.score_spread <= 1:
             bad("score_spread", self.score_spread, "give a number in [0, 1]: 1.0 is the MinMax bound (the default)")
+        if self.sketch_bits not in (0, 1, 2, 4) or isinstance(self.sketch_bits, bool):
+            bad("sketch_bits", self.sketch_bits, "use 0 (MinMax bound only), 1, 2 or 4 bits per key channel")
+        if self.sketch_bits and self.score_spread != 1.0:
+            bad("score_spread", self.score_spread, "it shapes the MinMax bound, which sketch_bits replaces; "
+                "leave score_spread at 1.0 when sketch_bits > 0")
         if self.use_kernels not in ("auto", True, False):
             bad("use_kernels", self.use_kernels, 'use "auto", True or False')
 

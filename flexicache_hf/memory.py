@@ -4,6 +4,8 @@ Two head groups per layer, each owning its storage:
 
 * `DenseHeads` (unstable heads): every page stays in a GPU buffer [B, H, capacity, D]; page p of row
   (b, h) is pool slot (b*H + h) * capacity_pages + p of the buffer viewed as a page pool.
+* `PageMetadata`: what page selection reads, for every page of every head, always on the GPU (also for
+  pages that live on the host): each full page's key min/max and, optionally, a per-token key sketch.
 * `OffloadedHeads` (stable heads): a fixed number of GPU page slots per row [B, H, slots, page, D]
   holding the row's selected pages, the tail and the current page (`slot_page` is the block table: the
   page each slot holds, -1 = free); and a host pool [pages, B, H, page, D] (pinned on CUDA) holding a
@@ -47,16 +49,22 @@ def _grow(t: torch.Tensor, dim: int, new_size: int, pin: bool = False) -> torch.
     return out
 
 
-class DenseHeads:
-    """Unstable heads: every page on the GPU, re-selected every decode step."""
+class PageMetadata:
+    """Selection metadata of one head group, [B, H, capacity_pages, ...] on the GPU: kmin / kmax, the
+    channel-wise min and max of each full page's keys (ops.page_minmax_ref), and with sketch_bits > 0 the
+    page's per-token key sketch `codes` [..., page_size, head_dim * sketch_bits // 8] uint8
+    (ops.page_sketch_ref). Written once per page, when it fills."""
 
-    def __init__(self, batch, heads, head_dim, page_size, capacity_pages, dtype, device):
-        self.heads, self.page_size = heads, page_size
-        tokens = capacity_pages * page_size
-        self.k = torch.zeros(batch, heads, tokens, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+    def __init__(self, batch, heads, head_dim, page_size, capacity_pages, sketch_bits, dtype, device):
         self.kmin = torch.zeros(batch, heads, capacity_pages, head_dim, dtype=dtype, device=device)
         self.kmax = torch.zeros_like(self.kmin)
+        self.codes = None
+        if sketch_bits:
+            self.codes = torch.zeros(batch, heads, capacity_pages, page_size, head_dim * sketch_bits // 8,
+                                     dtype=torch.uint8, device=device)
+
+    def _tensors(self):
+        return [n for n in ("kmin", "kmax", "codes") if getattr(self, n) is not None]
 
     @property
     def capacity_pages(self) -> int:
@@ -65,9 +73,54 @@ class DenseHeads:
     def reserve(self, pages: int) -> None:
         if pages > self.capacity_pages:
             pages = max(pages, 2 * self.capacity_pages)  # doubling keeps growth amortised O(1)
+            for name in self._tensors():
+                setattr(self, name, _grow(getattr(self, name), 2, pages))
+
+    def write(self, pages, kmin, kmax, codes=None) -> None:
+        """Pages `pages` (a slice, or a device tensor [n] at decode) of every row get this metadata."""
+        for name, src in zip(("kmin", "kmax", "codes"), (kmin, kmax, codes)):
+            dst = getattr(self, name)
+            if dst is None:
+                continue
+            if isinstance(pages, slice):
+                dst[:, :, pages] = src
+            else:
+                dst.index_copy_(2, pages, src)
+
+    def rows(self):
+        """kmin, kmax [B*H, capacity, D] and codes [B*H, capacity, page_size, bytes] (or None): one row per
+        (batch, head), as ops.select_pages takes them."""
+        return tuple(None if t is None else t.flatten(0, 1) for t in (self.kmin, self.kmax, self.codes))
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+
+    def nbytes(self, pages: int) -> int:
+        """Bytes of the metadata of `pages` pages (every row)."""
+        return sum(getattr(self, n)[:, :, :pages].numel() * getattr(self, n).element_size() for n in self._tensors())
+
+
+class DenseHeads:
+    """Unstable heads: every page on the GPU, re-selected every decode step."""
+
+    def __init__(self, batch, heads, head_dim, page_size, capacity_pages, sketch_bits, dtype, device):
+        self.heads, self.page_size = heads, page_size
+        tokens = capacity_pages * page_size
+        self.k = torch.zeros(batch, heads, tokens, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.meta = PageMetadata(batch, heads, head_dim, page_size, capacity_pages, sketch_bits, dtype, device)
+
+    @property
+    def capacity_pages(self) -> int:
+        return self.meta.capacity_pages
+
+    def reserve(self, pages: int) -> None:
+        if pages > self.capacity_pages:
+            pages = max(pages, 2 * self.capacity_pages)  # doubling keeps growth amortised O(1)
             self.k = _grow(self.k, 2, pages * self.page_size)
             self.v = _grow(self.v, 2, pages * self.page_size)
-            self.kmin, self.kmax = _grow(self.kmin, 2, pages), _grow(self.kmax, 2, pages)
+            self.meta.reserve(pages)
 
     def write(self, k, v, start: int) -> None:
         self.reserve(-(-(start + k.shape[2]) // self.page_size))
@@ -88,8 +141,9 @@ class DenseHeads:
         return self.k.view(-1, self.page_size, D), self.v.view(-1, self.page_size, D)
 
     def select_batch(self, idx: torch.Tensor) -> None:
-        for name in ("k", "v", "kmin", "kmax"):
+        for name in ("k", "v"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
+        self.meta.select_batch(idx)
 
     def gpu_bytes(self, length: int) -> int:
         B, H, _, D = self.k.shape
@@ -99,7 +153,8 @@ class DenseHeads:
 class OffloadedHeads:
     """Stable heads: selected pages + tail + current page in GPU slots; every full page in host memory."""
 
-    def __init__(self, batch, heads, head_dim, page_size, num_slots, host_pages, capacity_pages, dtype, device):
+    def __init__(self, batch, heads, head_dim, page_size, num_slots, host_pages, capacity_pages, sketch_bits,
+                 dtype, device):
         self.heads, self.page_size, self.device = heads, page_size, torch.device(device)
         self.pin = self.device.type == "cuda"
         self.k = torch.zeros(batch, heads, num_slots, page_size, head_dim, dtype=dtype, device=device)
@@ -112,8 +167,7 @@ class OffloadedHeads:
         self.host_k = torch.empty(host_shape, dtype=dtype, pin_memory=self.pin)
         self.host_v = torch.empty(host_shape, dtype=dtype, pin_memory=self.pin)
         self.host_len = 0  # pages 0 .. host_len-1 have been offloaded
-        self.kmin = torch.zeros(batch, heads, capacity_pages, head_dim, dtype=dtype, device=device)
-        self.kmax = torch.zeros_like(self.kmin)
+        self.meta = PageMetadata(batch, heads, head_dim, page_size, capacity_pages, sketch_bits, dtype, device)
         # D2H offloads run on a low-priority side stream; readers of the host pool wait on this event.
         self.copy_stream = torch.cuda.Stream(self.device, priority=0) if self.pin else None
         self.offloaded = None
@@ -127,11 +181,6 @@ class OffloadedHeads:
         self._rows = torch.arange(B * H, device=self.device).view(B, H, 1)  # row = b * H + h
 
     # ---- capacity ------------------------------------------------------------------------------
-    def reserve_metadata(self, pages: int) -> None:
-        if pages > self.kmin.shape[2]:
-            pages = max(pages, 2 * self.kmin.shape[2])
-            self.kmin, self.kmax = _grow(self.kmin, 2, pages), _grow(self.kmax, 2, pages)
-
     def _reserve_host(self, pages: int) -> None:
         if pages > self.host_k.shape[0]:
             # kernels read and write the old pool in place: let them finish before it is freed
@@ -318,8 +367,9 @@ class OffloadedHeads:
     def select_batch(self, idx: torch.Tensor) -> None:
         self.join()
         self.wait_offloads(host_reader=True)
-        for name in ("k", "v", "slot_page", "cur_slot", "kmin", "kmax"):
+        for name in ("k", "v", "slot_page", "cur_slot"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
+        self.meta.select_batch(idx)
         self._index_tensors()
         cpu_idx = idx.cpu()
         for name in ("host_k", "host_v"):

@@ -43,18 +43,66 @@ def page_minmax_ref(keys: torch.Tensor, valid: torch.Tensor, page_size: int) -> 
     return kmin.masked_fill(empty, 0), kmax.masked_fill(empty, 0)
 
 
-def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spread: float = 1.0) -> torch.Tensor:
-    """Quest MinMax upper bound of q.k over each page, max over the GQA group, in fp32.
+def page_sketch_ref(keys: torch.Tensor, valid: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_size: int,
+                    bits: int) -> torch.Tensor:
+    """Per-token key sketch inside each page's key box: `bits` bits per channel.
 
-    q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32.
+    keys [B, H, P*page_size, D]; valid [B, P*page_size] bool; kmin, kmax [B, H, P, D] (page_minmax_ref)
+    -> codes [B, H, P, page_size, D*bits//8] uint8. Channel d of a token gets the level
+    l = floor((k_d - kmin_d) / (kmax_d - kmin_d) * 2^bits), clamped to [0, 2^bits - 1] (0 where the box is
+    flat); sketch_keys_ref decodes it to the level's midpoint. Byte j of a token holds channels
+    j + s * (D*bits//8), s = 0 .. 8//bits - 1, in bits [s*bits, (s+1)*bits). A padding token gets the levels
+    of its page's first valid token (so the page's best sketched q.k is that of its valid tokens).
+    """
+    B, H, T, D = keys.shape
+    P, n, per_byte = T // page_size, 2**bits, 8 // bits
+    k = keys.reshape(B, H, P, page_size, D).float()
+    lo, width = kmin.float().unsqueeze(3), (kmax.float() - kmin.float()).unsqueeze(3)
+    lvl = torch.where(width > 0, ((k - lo) / width.clamp_min(1e-30) * n).floor(), 0.0).clamp(0, n - 1).to(torch.uint8)
+    m = valid.reshape(B, 1, P, page_size)
+    first = m.to(torch.uint8).argmax(-1)  # [B, 1, P]: the page's first valid token (0 if none)
+    stand_in = lvl.gather(3, first.expand(B, H, P)[..., None, None].expand(B, H, P, 1, D))
+    lvl = torch.where(m.unsqueeze(-1), lvl, stand_in)
+    lvl = lvl.view(B, H, P, page_size, per_byte, D // per_byte)
+    codes = torch.zeros(B, H, P, page_size, D // per_byte, dtype=torch.uint8, device=keys.device)
+    for s in range(per_byte):
+        codes |= lvl[..., s, :] << (s * bits)
+    return codes
+
+
+def sketch_keys_ref(kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Decode page_sketch_ref: kmin, kmax [..., P, D]; codes [..., P, ps, D*bits//8] -> keys [..., P, ps, D] in
+    the accumulation dtype, each channel at its level's midpoint kmin + (l + 1/2) (kmax - kmin) / 2^bits."""
+    D, Db = kmin.shape[-1], codes.shape[-1]
+    bits = 8 * Db // D
+    n = 2**bits
+    c = codes.to(torch.int32)
+    lvl = torch.cat([(c >> (s * bits)) & (n - 1) for s in range(8 // bits)], dim=-1)  # [..., ps, D]
+    acc = _acc(kmin)
+    lo, width = kmin.to(acc).unsqueeze(-2), (kmax.to(acc) - kmin.to(acc)).unsqueeze(-2)
+    return lo + (lvl.to(acc) + 0.5) * (width / n)
+
+
+def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spread: float = 1.0,
+                    codes: torch.Tensor | None = None) -> torch.Tensor:
+    """A page's score for a query: Quest's MinMax upper bound of q.k over the page, or with `codes` the
+    largest q.k over its sketched keys; the max over the GQA group, in fp32.
+
+    q [N, G, D]; kmin, kmax [N, P, D]; codes [N, P, ps, D*bits//8] or None -> scores [N, P] fp32.
 
     The bound is q.c + |q|.r with c, r the centre and half-width of the page's key box (c = (kmax+kmin)/2,
     r = (kmax-kmin)/2). `spread` < 1 weights the half-width down: q.c + spread * |q|.r, no longer a bound
     but a closer estimate of the page's largest q.k on small models (docs/accuracy.md, "page scoring").
     spread = 1 is computed elementwise, max(q*kmax, q*kmin), which equals the bound whenever kmin <= kmax.
+    With codes (page_sketch_ref), spread is ignored: the score is max over the page's tokens t of
+    q.khat_t, khat_t = sketch_keys_ref's decoded key, an estimate of the page's largest q.k that, unlike
+    the bound, sees which token holds which extreme.
     """
     acc = _acc(q)
     qf = q.to(acc).unsqueeze(2)  # [N, G, 1, D]
+    if codes is not None:
+        khat = sketch_keys_ref(kmin, kmax, codes)  # [N, P, ps, D]
+        return torch.einsum("ngd,nptd->ngpt", q.to(acc), khat).amax(dim=(1, 3)).float()
     kmin, kmax = kmin.to(acc).unsqueeze(1), kmax.to(acc).unsqueeze(1)
     if spread == 1.0:
         per_q = torch.maximum(qf * kmax, qf * kmin).sum(-1)  # [N,G,P]
@@ -72,13 +120,13 @@ def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current: bool = False,
-                     heads=None, spread: float = 1.0) -> torch.Tensor:
+                     heads=None, spread: float = 1.0, codes=None) -> torch.Tensor:
     """Decode-time page selection of one head group: the top-k candidate pages per row.
 
     q [N, G, D], or with `heads` [Hg] the layer's query [B, H, G, D] whose heads `heads` are the rows
     (row n = b * Hg + h); kmin, kmax [N, P, D]; page_valid [B, >=P] bool (row n belongs to batch
     n // (N // B)); current: a device tensor [1], the page holding the newest token. Candidates are the
-    valid pages before `current`; their MinMax scores (page_scores_ref, with `spread`) rank them. Returns [N, min(k, P)]
+    valid pages before `current`; their scores (page_scores_ref, with `spread` or `codes` [N, P, ps, Db]) rank them. Returns [N, min(k, P)]
     int64: topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates,
     all of them). With append_current, `current` follows as one more column: the page table unstable
     heads attend to.
@@ -86,7 +134,7 @@ def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current:
     if heads is not None:
         q = q[:, heads].reshape(-1, *q.shape[2:])
     N, P = kmin.shape[:2]
-    scores = page_scores_ref(q, kmin, kmax, spread)
+    scores = page_scores_ref(q, kmin, kmax, spread, codes)
     batch = torch.arange(N, device=q.device) // (N // page_valid.shape[0])
     cand = page_valid[batch, :P] & (torch.arange(P, device=q.device) < current)
     ids = topk_pages_ref(scores.masked_fill(~cand, NEG_INF), min(k, P))
@@ -226,14 +274,15 @@ def page_minmax(keys, valid, page_size, use_kernels="auto"):
     return _run("page_minmax", page_minmax_ref, keys, use_kernels, keys, valid, page_size)
 
 
-def page_scores(q, kmin, kmax, use_kernels="auto", spread=1.0):
-    return _run("page_scores", page_scores_ref, q, use_kernels, q, kmin, kmax, spread)
+def page_sketch(keys, valid, kmin, kmax, page_size, bits):
+    # plain PyTorch on every device: it runs once per filled page (and per prefill), off the hot path
+    return page_sketch_ref(keys, valid, kmin, kmax, page_size, bits)
 
 
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
-                 spread=1.0):
+                 spread=1.0, codes=None):
     return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k,
-                append_current, heads, spread)
+                append_current, heads, spread, codes)
 
 
 def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):

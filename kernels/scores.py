@@ -1,7 +1,8 @@
-"""Page scores: Quest MinMax upper bound of q.k per page (or its spread-weighted form), max over the GQA group, fp32.
+"""Page scores: Quest MinMax upper bound of q.k per page (or its spread-weighted form), or the best q.k
+over the page's sketched keys; max over the GQA group, fp32.
 
 Semantics: ``flexicache_hf.ops.page_scores_ref``. One program scores BLOCK_P pages of one row for the
-whole group, so kmin/kmax (the only large input) are read once. The bound is computed elementwise,
+whole group, so kmin/kmax (and the codes: the only large inputs) are read from memory once. The bound is computed elementwise,
 max(q*kmax, q*kmin), not as q+.kmax + q-.kmin: the two agree only when kmin <= kmax, and the kernel
 must match the reference on any input. It is memory-bound either way.
 """
@@ -22,6 +23,22 @@ NUM_WARPS = 2
 
 
 @triton.jit
+def _query_row(n, HEADS, H, rows_per_batch, MAPPED: tl.constexpr):
+    if MAPPED:  # q is the layer's [B, H, G, D] query; row n is batch n // Hg, head HEADS[n % Hg]
+        return (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)
+    return n
+
+
+@triton.jit
+def _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED: tl.constexpr):
+    if MASKED:  # candidates: valid pages before the current one (select_pages)
+        ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
+        ok = ok & (offs_p < tl.load(CURRENT))
+        best = tl.where(ok, best, float("-inf"))
+    tl.store(OUT + n.to(tl.int64) * P + offs_p, best, mask=mask_p)
+
+
+@triton.jit
 def _page_scores_kernel(
     Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, VALID, CURRENT, s_vb, rows_per_batch,
     HEADS, H, spread,
@@ -32,10 +49,7 @@ def _page_scores_kernel(
         gdc_launch_dependents()  # or writes), then wait for the kernels before (they wrote q, the metadata)
         gdc_wait()
     n = tl.program_id(0)
-    if MAPPED:  # q is the layer's [B, H, G, D] query; row n is batch n // Hg, head HEADS[n % Hg]
-        qrow = (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)
-    else:
-        qrow = n
+    qrow = _query_row(n, HEADS, H, rows_per_batch, MAPPED)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, D_PAD)
     mask_p = offs_p < P
@@ -56,16 +70,54 @@ def _page_scores_kernel(
             best = tl.maximum(best, tl.sum(tl.maximum(qg * kmax, qg * kmin), 1))
         else:
             best = tl.maximum(best, tl.sum(qg * centre, 1) + spread * tl.sum(tl.abs(qg) * half, 1))
-    if MASKED:  # candidates: valid pages before the current one (select_pages)
-        ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
-        ok = ok & (offs_p < tl.load(CURRENT))
-        best = tl.where(ok, best, float("-inf"))
-    tl.store(OUT + n.to(tl.int64) * P + offs_p, best, mask=mask_p)
+    _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED)
+
+
+@triton.jit
+def _sketch_scores_kernel(
+    Q, KMIN, KMAX, CODES, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, s_cn, s_cp, s_ct, VALID, CURRENT, s_vb,
+    rows_per_batch, HEADS, H,
+    G: tl.constexpr, DB: tl.constexpr, DB_PAD: tl.constexpr, PS: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_P: tl.constexpr, MASKED: tl.constexpr, MAPPED: tl.constexpr, PDL: tl.constexpr,
+):
+    """Each page's best q.khat over its tokens: q.kmin + sum_d q_d (kmax_d - kmin_d) / 2^BITS (level_d + 1/2),
+    the same value as q.(decoded key) in ops.sketch_keys_ref. Byte j of a token holds channels j + s * DB."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    n = tl.program_id(0)
+    qrow = _query_row(n, HEADS, H, rows_per_batch, MAPPED)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_t = tl.arange(0, PS)
+    offs_b = tl.arange(0, DB_PAD)
+    mask_p = offs_p < P
+    mask_b = offs_b < DB
+    mask = mask_p[:, None] & mask_b[None, :]
+    p64 = offs_p.to(tl.int64)
+    codes = tl.load(CODES + n.to(tl.int64) * s_cn + p64[:, None, None] * s_cp + offs_t[None, :, None] * s_ct
+                    + offs_b[None, None, :], mask=mask[:, None, :], other=0).to(tl.int32)  # [BLOCK_P, PS, DB_PAD]
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for g in tl.static_range(G):
+        base = tl.zeros([BLOCK_P], tl.float32)
+        tok = tl.zeros([BLOCK_P, PS], tl.float32)
+        for s in tl.static_range(8 // BITS):  # channel block s sits in bits [s*BITS, (s+1)*BITS) of each byte
+            offs_d = s * DB + offs_b
+            kmin = tl.load(KMIN + n.to(tl.int64) * s_mn + p64[:, None] * s_mp + offs_d[None, :], mask=mask, other=0.0)
+            kmax = tl.load(KMAX + n.to(tl.int64) * s_xn + p64[:, None] * s_xp + offs_d[None, :], mask=mask, other=0.0)
+            kmin = kmin.to(tl.float32)
+            qg = tl.load(Q + qrow * s_qn + g * s_qg + offs_d, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+            w = qg * (kmax.to(tl.float32) - kmin) * (1.0 / (1 << BITS))  # [BLOCK_P, DB_PAD]
+            level = ((codes >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + 0.5
+            base += tl.sum(qg * kmin, 1)
+            tok += tl.sum(w[:, None, :] * level, 2)
+        best = tl.maximum(best, tl.max(base[:, None] + tok, 1))
+    _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid=None, current=None,
-                heads=None, spread: float = 1.0) -> torch.Tensor:
-    """q [N, G, D]; kmin, kmax [N, P, D] -> scores [N, P] fp32 (see ops.page_scores_ref).
+                heads=None, spread: float = 1.0, codes=None) -> torch.Tensor:
+    """q [N, G, D]; kmin, kmax [N, P, D]; codes [N, P, ps, D*bits//8] uint8 or None -> scores [N, P] fp32
+    (see ops.page_scores_ref).
 
     With page_valid [B, >=P] bool and current (a device tensor [1]): -inf wherever a page is not a
     candidate (invalid, or not before `current`), as ops.select_pages_ref masks. With heads [Hg]: q is
@@ -79,6 +131,8 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         return out.fill_(float("-inf"))  # amax over an empty group (the reference raises instead)
     # Unit stride along D lets the loads vectorise; anything else is copied once.
     q, kmin, kmax = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kmin, kmax))
+    if codes is not None and codes.stride(-1) != 1:
+        codes = codes.contiguous()
     mapped = heads is not None
     if mapped:
         B, H = q.shape[:2]
@@ -96,9 +150,22 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         args = (page_valid, current, page_valid.stride(0), rows_per_batch or N // page_valid.shape[0])
     else:
         args = (out, out, 0, rows_per_batch or 1)  # unused (MASKED=False)
+    launch = dict(**pdl(q.device))
+    if codes is not None:
+        ps, db = codes.shape[-2:]
+        bits = 8 * db // D
+        # ~2k code bytes per program keeps the [pages, tokens, bytes] block in registers
+        block_p = max(1, min(16, 2048 // (ps * next_pow2(db))))
+        _sketch_scores_kernel[(N, triton.cdiv(P, block_p))](
+            q, kmin, kmax, codes, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
+            kmax.stride(0), kmax.stride(1), codes.stride(0), codes.stride(1), codes.stride(2), *args, *map_args,
+            G=G, DB=db, DB_PAD=next_pow2(db), PS=ps, BITS=bits, BLOCK_P=block_p, MASKED=masked, MAPPED=mapped,
+            num_warps=4, **launch,
+        )
+        return out
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         kmax.stride(0), kmax.stride(1), *args, *map_args, float(spread), G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, BOUND=spread == 1.0, num_warps=NUM_WARPS, **pdl(q.device),
+        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, BOUND=spread == 1.0, num_warps=NUM_WARPS, **launch,
     )
     return out

@@ -109,9 +109,9 @@ def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None)
     return out
 
 
-def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, spread=1.0):
+def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, spread=1.0, codes=None):
     """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)] best first, then -1;
     with append_current the current page follows as one more column; with `heads`, q is the layer's
     [B, H, G, D] query and the rows are its heads `heads` (read in place, no gathered copy)."""
-    scores = page_scores(q, kmin, kmax, page_valid, current, heads, spread)
+    scores = page_scores(q, kmin, kmax, page_valid, current, heads, spread, codes)
     return topk_pages(scores, k, current if append_current else None)

@@ -24,6 +24,9 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
         (dict(score_spread=1.5), "score_spread=1.5 is invalid: give a number in \\[0, 1\\]"),
         (dict(score_spread=-0.1), "score_spread=-0.1 is invalid"),
         (dict(score_spread="0.5"), "score_spread='0.5' is invalid"),
+        (dict(sketch_bits=3), "sketch_bits=3 is invalid: use 0 \\(MinMax bound only\\), 1, 2 or 4"),
+        (dict(sketch_bits=True), "sketch_bits=True is invalid"),
+        (dict(sketch_bits=2, score_spread=0.5), "score_spread=0.5 is invalid: it shapes the MinMax bound, which sketch_bits"),
     ],
 )
 def test_config_rejects(knobs, match):
@@ -34,7 +37,7 @@ def test_config_rejects(knobs, match):
 def test_config_defaults_are_the_papers():
     c = FlexiCacheConfig()
     assert (c.page_size, c.topk_pages, c.rerank_interval) == (16, 64, 16)
-    assert c.score_spread == 1.0  # Quest's MinMax bound
+    assert c.score_spread == 1.0 and c.sketch_bits == 0  # Quest's MinMax bound, no key sketch
     assert c.resident_slots == 64 + 1 + 1
 
 

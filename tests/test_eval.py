@@ -234,6 +234,9 @@ def test_ablation_profiles(tiny):
     spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
     assert [m.name for m in spread] == ["flexicache_spread0.5", "quest_spread0.5", "oracle_pages", "snapkv"]
     assert spread[0].score_spread == 0.5 and spread[0].empty_cache(ctx, 64, 100).config.score_spread == 0.5
+    sketch = M.get_methods(["flexicache", "oracle_pages"], sketch_bits=2)
+    assert [m.name for m in sketch] == ["flexicache_sketch2", "oracle_pages"]
+    assert sketch[0].empty_cache(ctx, 64, 100).config.sketch_bits == 2
 
 
 def test_small_budget_differs_from_dense(tiny):

@@ -203,6 +203,63 @@ def test_kernel_page_scores_any_kmin_kmax_and_strides():
     check(scores.page_scores(q, kmin, kmax), ops.page_scores_ref(q, kmin, kmax), torch.float32)
 
 
+def make_sketch_case(dtype, bits, ps, D, B=2, H=3, P=13):
+    """Keys with left padding (two empty pages, a partly valid one) and a flat channel, their MinMax
+    metadata and their sketch, as the cache writes them."""
+    keys = torch.randn(B, H, P * ps, D, device=DEV).to(dtype)
+    keys[:, :, :, 5] = 0.25  # a flat box in channel 5
+    valid = torch.ones(B, P * ps, dtype=torch.bool, device=DEV)
+    valid[1, : 2 * ps + 1] = False
+    kmin, kmax = ops.page_minmax_ref(keys, valid, ps)
+    return keys, valid, kmin, kmax, ops.page_sketch_ref(keys, valid, kmin, kmax, ps, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,ps,D,G", [(2, 16, 64, 5), (1, 8, 48, 1), (4, 4, 80, 3), (2, 1, 64, 7)])
+def test_kernel_page_scores_sketch(dtype, bits, ps, D, G):
+    """Best sketched q.k per page: plain rows, masked + mapped rows (the decode call), and the selection."""
+    B, H, P = 2, 3, 13
+    _, _, kmin, kmax, codes = make_sketch_case(dtype, bits, ps, D, B, H, P)
+    rows = lambda t: t.flatten(0, 1)  # noqa: E731  [B*H, P, ...]
+    q = torch.randn(B, H + 1, G, D, device=DEV).to(dtype)  # the layer's query; the group is heads 0, 2, 3
+    heads = torch.tensor([0, 2, 3], device=DEV)
+    q_rows = q[:, heads].flatten(0, 1)
+    ref = ops.page_scores_ref(q_rows, rows(kmin), rows(kmax), codes=rows(codes))
+    tol = torch.float32 if dtype == torch.float32 else dtype
+    check(scores.page_scores(q_rows, rows(kmin), rows(kmax), codes=rows(codes)), ref, tol)
+    page_valid = torch.rand(B, P + 3, device=DEV) > 0.2
+    current = torch.tensor([11], device=DEV)
+    masked = scores.page_scores(q, rows(kmin), rows(kmax), page_valid, current, heads, codes=rows(codes))
+    cand = page_valid[:, :P].repeat_interleave(H, 0) & (torch.arange(P, device=DEV) < 11)
+    check(masked.masked_fill(~cand, 0), ref.masked_fill(~cand, 0), tol)
+    assert (masked[~cand] == float("-inf")).all()
+    got = select.select_pages(q, rows(kmin), rows(kmax), page_valid, current, 4, True, heads, codes=rows(codes))
+    assert torch.equal(got[:, :-1], ops.topk_pages_ref(masked, 4)) and (got[:, -1] == 11).all()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_page_sketch_ref_properties(bits):
+    """Decoded keys lie within half a level of the true ones (exactly kmin in a flat channel); padding
+    tokens repeat their page's first valid token; the sketched score lies between the page's true best
+    q.k minus the decoding error and the MinMax bound; more bits, closer scores."""
+    ps, D = 8, 32
+    keys, valid, kmin, kmax, codes = make_sketch_case(torch.float64, bits, ps, D, P=6)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 6, ps, D * bits // 8)
+    khat = ops.sketch_keys_ref(kmin, kmax, codes).flatten(2, 3)  # [B, H, P*ps, D]
+    half_level = ((kmax - kmin) / 2 ** (bits + 1)).repeat_interleave(ps, 2)
+    ok = valid[:, None, :, None].expand_as(khat)
+    assert ((khat - keys).abs() <= half_level + 1e-12)[ok].all()
+    assert (khat[..., 5] == 0.25)[valid[:, None].expand(-1, 3, -1)].all()
+    first = khat[1, :, 2 * ps + 1]  # page 2's first valid token stands in for its padding token
+    assert torch.equal(khat[1, :, 2 * ps], first)
+    q = torch.randn(3, 4, D, dtype=torch.float64)
+    s = ops.page_scores_ref(q, kmin[0], kmax[0], codes=codes[0])
+    exact = torch.einsum("ngd,ntd->ngt", q, keys[0]).view(3, 4, 6, ps).amax(-1).amax(1)
+    slack = torch.einsum("ngd,npd->ngp", q.abs(), (kmax - kmin)[0] / 2 ** (bits + 1)).amax(1)
+    assert (s <= ops.page_scores_ref(q, kmin[0], kmax[0]) + 1e-9).all()
+    assert ((s - exact).abs() <= slack + 1e-9).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # page_minmax
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
     current = (L - 1) // ps
     n_full = L // ps
     kmin, kmax = ops.page_minmax_ref(keys[:, :, : n_full * ps], valid[:, : n_full * ps], ps)
+    codes = None
+    if cfg.sketch_bits:
+        codes = ops.page_sketch_ref(keys[:, :, : n_full * ps], valid[:, : n_full * ps], kmin, kmax, ps, cfg.sketch_bits)
     page_ok = valid[:, : n_full * ps].view(B, n_full, ps).any(-1)
     qg = q.reshape(B, H, Hq // H, D)
     pages = torch.zeros(B, H, current + 1, dtype=torch.bool)
@@ -24,7 +27,8 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
             if current <= K:
                 sel = torch.zeros(B, current, dtype=torch.bool) | page_ok[:, :current]
             else:
-                s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current], cfg.score_spread)
+                s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current], cfg.score_spread,
+                                        None if codes is None else codes[:, h, :current])
                 s = s.masked_fill(~page_ok[:, :current], float("-inf"))
                 # ties go to the lower page (a padding token's zero query scores every page 0)
                 idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :K]
@@ -51,17 +55,18 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-@pytest.mark.parametrize("spread", [1.0, 0.5])
-def test_sparse_decode_matches_oracle(device, spread):
+@pytest.mark.parametrize("spread,bits", [(1.0, 0), (0.5, 0), (1.0, 2), (1.0, 1)])
+def test_sparse_decode_matches_oracle(device, spread, bits):
     """On CUDA the reranks' promotions run on the copy stream, overlapped: the same pages must be read.
-    spread 0.5: the cache scores pages with the configured score_spread."""
+    spread 0.5: the cache scores pages with the configured score_spread; bits: by the key sketch."""
     _, fc = tiny_pair("llama", 8, 2, 32, dtype=torch.float64, layers=2)
     fc = fc.to(device)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     ids[1, :29], mask[1, :29] = 0, 0
     ids, mask = ids.to(device), mask.to(device)
-    cache = make_cache(fc, topk_pages=4, page_size=8, rerank_interval=5, use_kernels=False, score_spread=spread)
+    cache = make_cache(fc, topk_pages=4, page_size=8, rerank_interval=5, use_kernels=False, score_spread=spread,
+                       sketch_bits=bits)
     rec = Recorder(cache)
     seen = []
     orig = FlexiCacheLayer._decode
@@ -83,6 +88,10 @@ def test_sparse_decode_matches_oracle(device, spread):
         q, k, v, valid = q.cpu(), k.cpu(), v.cpu(), valid.cpu()
         expect = _oracle_decode(q, k[:, :, :L], v[:, :, :L], valid, states[layer_idx], cache.layers[layer_idx], cache.config, scale)
         torch.testing.assert_close(out.cpu(), expect.to(out.dtype), atol=1e-10, rtol=0)
+    # metadata on the GPU per full page and KV head: kmin + kmax (fp64 here), plus the sketch's bytes
+    layer = cache.layers[0]
+    per_page = 2 * 32 * 8 + 8 * 32 * bits // 8
+    assert cache.memory_report()["metadata_bytes"] == 2 * len(cache.layers) * 2 * layer.meta_pages * per_page
 
 
 def test_no_data_loss_300_steps_with_padding():
