@@ -25,8 +25,8 @@ NUM_WARPS = 2
 @triton.jit
 def _query_row(n, HEADS, H, rows_per_batch, MAPPED: tl.constexpr):
     if MAPPED:  # q is the layer's [B, H, G, D] query; row n is batch n // Hg, head HEADS[n % Hg]
-        return (n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)
-    return n
+        return ((n // rows_per_batch) * H + tl.load(HEADS + n % rows_per_batch)).to(tl.int64)
+    return n.to(tl.int64)
 
 
 @triton.jit

@@ -252,7 +252,7 @@ def test_page_sketch_ref_properties(bits):
     assert (khat[..., 5] == 0.25)[valid[:, None].expand(-1, 3, -1)].all()
     first = khat[1, :, 2 * ps + 1]  # page 2's first valid token stands in for its padding token
     assert torch.equal(khat[1, :, 2 * ps], first)
-    q = torch.randn(3, 4, D, dtype=torch.float64)
+    q = torch.randn(3, 4, D, dtype=torch.float64, device=DEV)
     s = ops.page_scores_ref(q, kmin[0], kmax[0], codes=codes[0])
     exact = torch.einsum("ngd,ntd->ngt", q, keys[0]).view(3, 4, 6, ps).amax(-1).amax(1)
     slack = torch.einsum("ngd,npd->ngp", q.abs(), (kmax - kmin)[0] / 2 ** (bits + 1)).amax(1)
