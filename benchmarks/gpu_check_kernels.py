@@ -117,6 +117,8 @@ class Layer:
         self.keys_full = keys  # strided view of the pool: the full pages of the unstable heads
         kmin, kmax = K.page_minmax(keys, self.valid[:, : self.Pf * PS], PS)
         self.kmin, self.kmax = kmin.view(self.Nu, self.Pf, D), kmax.view(self.Nu, self.Pf, D)
+        # the 2-bit key sketch (sketch_bits=2), as the cache writes it
+        self.codes = ops.page_sketch(keys, self.valid[:, : self.Pf * PS], kmin, kmax, PS, 2).flatten(0, 1)
         self.page_valid = self.valid[:, : self.Pf * PS].view(B, self.Pf, PS).any(-1)
         self.current = torch.tensor([self.P - 1], device=dev)
 
@@ -178,6 +180,8 @@ def check_layer(L: Layer):
         del rmin, rmax
         s = K.page_scores(L.q_u, L.kmin, L.kmax)
         ok &= expect("page_scores", s, ops.page_scores_ref(L.q_u, L.kmin, L.kmax))
+        s = K.page_scores(L.q_u, L.kmin, L.kmax, codes=L.codes)
+        ok &= expect("page_scores, 2-bit sketch", s, ops.page_scores_ref(L.q_u, L.kmin, L.kmax, codes=L.codes))
         masked = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
         table = L.select()
         same = torch.equal(table[:, :-1], ops.topk_pages_ref(masked, BUDGET)) and bool((table[:, -1] == L.P - 1).all())
@@ -323,6 +327,27 @@ def sweep_select():
     torch.cuda.empty_cache()
 
 
+def sweep_sketch():
+    """Launch shape of the key-sketch scores kernel (decoded elements per program x warps), graph replays,
+    against the MinMax bound's scores at the same shape."""
+    rows = []
+    for ctx, B in ((32768, 1), (32768, 8), (10240, 40)):
+        L = Layer(ctx, B)
+        bound = ms(lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx), graph=True) * 1e3
+        for el in (1024, 2048, 4096):
+            for w in (1, 2, 4):
+                KSC.SKETCH_ELEMENTS, KSC.SKETCH_WARPS = el, w
+                t = ms(lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx, codes=L.codes),
+                       graph=True) * 1e3
+                rows.append((ctx, B, el, w, t, bound))
+                print(f"  sketch scores ctx {ctx} batch {B}: {el} elements x {w} warps {t:.1f} us (bound {bound:.1f} us)")
+        del L
+        torch.cuda.empty_cache()
+    print("\n| ctx | batch | elements / program | warps | sketch scores us | bound scores us |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print("| %d | %d | %d | %d | %.1f | %.1f |" % r)
+
+
 def cpu_overhead_us(fn, n=200):
     """Host time per call, queued without synchronising: the launch cost an eager decode step pays."""
     import time
@@ -364,6 +389,8 @@ def bench_layers(free_gib, shapes=None):
                 s_ = K.page_scores(L.q_u, L.kmin, L.kmax, L.page_valid, L.current)
                 g = {  # GPU time of each part (graph replays)
                     "scores": lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx),
+                    "scores_sketch2": lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx,
+                                                            codes=L.codes),
                     "topk": lambda: KS.topk_pages(s_, BUDGET, L.current),
                     "attend": lambda: L.attend(table),
                     "attend_s": L.attend_stable,
@@ -454,12 +481,15 @@ def main():
     ap.add_argument("--sweep-select", action="store_true", help="re-tune the top-k tournament first")
     ap.add_argument("--no-pdl", action="store_true", help="programmatic dependent launch off (on by default)")
     ap.add_argument("--shapes", default="", help="only these ctx x batch, e.g. 32768x8,10240x40")
+    ap.add_argument("--only-sketch", action="store_true", help="only the key-sketch scores launch sweep")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
     print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}")
     if args.no_pdl:
         _util.PDL = False
+    if args.only_sketch:
+        return sweep_sketch()
     if args.only_copy:
         ok, gbps = bench_copy()
         print("\n| path | GB/s |\n|---|---|")

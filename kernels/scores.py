@@ -20,6 +20,8 @@ from ._util import gdc_launch_dependents, gdc_wait, new_output, next_pow2, pdl
 # with programmatic dependent launch, 21 vs 29 us at 8k/batch 8 (more programs stay resident).
 BLOCK_P = 16
 NUM_WARPS = 2
+SKETCH_ELEMENTS = 4096  # decoded key elements per program of the sketch kernel (pages x tokens x D)
+SKETCH_WARPS = 1
 
 
 @triton.jit
@@ -77,11 +79,12 @@ def _page_scores_kernel(
 def _sketch_scores_kernel(
     Q, KMIN, KMAX, CODES, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, s_cn, s_cp, s_ct, VALID, CURRENT, s_vb,
     rows_per_batch, HEADS, H,
-    G: tl.constexpr, DB: tl.constexpr, DB_PAD: tl.constexpr, PS: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_P: tl.constexpr, MASKED: tl.constexpr, MAPPED: tl.constexpr, PDL: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB: tl.constexpr, PS: tl.constexpr,
+    BITS: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr, MAPPED: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Each page's best q.khat over its tokens: q.kmin + sum_d q_d (kmax_d - kmin_d) / 2^BITS (level_d + 1/2),
-    the same value as q.(decoded key) in ops.sketch_keys_ref. Byte j of a token holds channels j + s * DB."""
+    """Each page's best q.khat over its tokens and the group's query heads. The BLOCK_P pages' tokens are
+    decoded once into a [pages, tokens, D] block of keys (ops.sketch_keys_ref), then scored by each query
+    head. Channel d of a token sits in byte d % DB of its codes, at bit (d // DB) * BITS."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -89,28 +92,22 @@ def _sketch_scores_kernel(
     qrow = _query_row(n, HEADS, H, rows_per_batch, MAPPED)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_t = tl.arange(0, PS)
-    offs_b = tl.arange(0, DB_PAD)
+    offs_d = tl.arange(0, D_PAD)
     mask_p = offs_p < P
-    mask_b = offs_b < DB
-    mask = mask_p[:, None] & mask_b[None, :]
+    mask = mask_p[:, None] & (offs_d < D)[None, :]
     p64 = offs_p.to(tl.int64)
+    kmin = tl.load(KMIN + n.to(tl.int64) * s_mn + p64[:, None] * s_mp + offs_d[None, :], mask=mask, other=0.0)
+    kmax = tl.load(KMAX + n.to(tl.int64) * s_xn + p64[:, None] * s_xp + offs_d[None, :], mask=mask, other=0.0)
+    kmin = kmin.to(tl.float32)
+    step = (kmax.to(tl.float32) - kmin) * (1.0 / (1 << BITS))  # [BLOCK_P, D_PAD]: one level's width
     codes = tl.load(CODES + n.to(tl.int64) * s_cn + p64[:, None, None] * s_cp + offs_t[None, :, None] * s_ct
-                    + offs_b[None, None, :], mask=mask[:, None, :], other=0).to(tl.int32)  # [BLOCK_P, PS, DB_PAD]
+                    + (offs_d % DB)[None, None, :], mask=mask[:, None, :], other=0).to(tl.int32)
+    level = ((codes >> ((offs_d // DB) * BITS)[None, None, :]) & ((1 << BITS) - 1)).to(tl.float32) + 0.5
+    keys = kmin[:, None, :] + level * step[:, None, :]  # [BLOCK_P, PS, D_PAD]
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(G):
-        base = tl.zeros([BLOCK_P], tl.float32)
-        tok = tl.zeros([BLOCK_P, PS], tl.float32)
-        for s in tl.static_range(8 // BITS):  # channel block s sits in bits [s*BITS, (s+1)*BITS) of each byte
-            offs_d = s * DB + offs_b
-            kmin = tl.load(KMIN + n.to(tl.int64) * s_mn + p64[:, None] * s_mp + offs_d[None, :], mask=mask, other=0.0)
-            kmax = tl.load(KMAX + n.to(tl.int64) * s_xn + p64[:, None] * s_xp + offs_d[None, :], mask=mask, other=0.0)
-            kmin = kmin.to(tl.float32)
-            qg = tl.load(Q + qrow * s_qn + g * s_qg + offs_d, mask=mask_b, other=0.0).to(tl.float32)[None, :]
-            w = qg * (kmax.to(tl.float32) - kmin) * (1.0 / (1 << BITS))  # [BLOCK_P, DB_PAD]
-            level = ((codes >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + 0.5
-            base += tl.sum(qg * kmin, 1)
-            tok += tl.sum(w[:, None, :] * level, 2)
-        best = tl.maximum(best, tl.max(base[:, None] + tok, 1))
+        qg = tl.load(Q + qrow * s_qn + g * s_qg + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.max(tl.sum(keys * qg[None, None, :], 2), 1))
     _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED)
 
 
@@ -153,14 +150,16 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
     launch = dict(**pdl(q.device))
     if codes is not None:
         ps, db = codes.shape[-2:]
-        bits = 8 * db // D
-        # ~2k code bytes per program keeps the [pages, tokens, bytes] block in registers
-        block_p = max(1, min(16, 2048 // (ps * next_pow2(db))))
+        d_pad = max(16, next_pow2(D))
+        # launch shape from `benchmarks/gpu_check_kernels.py --only-sketch` (H100): 4k elements x 1 warp was
+        # the fastest of 1-4k x 1-4 warps at 32k/batch 1 and 8 and 10k/batch 40; 8k elements x 4 warps
+        # with a tl.dot over the group ran 8-60x slower (register spills)
+        block_p = max(1, SKETCH_ELEMENTS // (ps * d_pad))
         _sketch_scores_kernel[(N, triton.cdiv(P, block_p))](
             q, kmin, kmax, codes, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
             kmax.stride(0), kmax.stride(1), codes.stride(0), codes.stride(1), codes.stride(2), *args, *map_args,
-            G=G, DB=db, DB_PAD=next_pow2(db), PS=ps, BITS=bits, BLOCK_P=block_p, MASKED=masked, MAPPED=mapped,
-            num_warps=4, **launch,
+            G=G, D=D, D_PAD=d_pad, DB=db, PS=ps, BITS=8 * db // D, BLOCK_P=block_p, MASKED=masked, MAPPED=mapped,
+            num_warps=SKETCH_WARPS, **launch,
         )
         return out
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
