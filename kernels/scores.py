@@ -153,7 +153,7 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         d_pad = max(16, next_pow2(D))
         # launch shape from `benchmarks/gpu_check_kernels.py --only-sketch` (H100): 4k elements x 1 warp was
         # the fastest of 1-4k x 1-4 warps at 32k/batch 1 and 8 and 10k/batch 40; 8k elements x 4 warps
-        # with a tl.dot over the group ran 8-60x slower (register spills)
+        # with a tl.dot over the group ran 7-8x slower (register spills)
         block_p = max(1, SKETCH_ELEMENTS // (ps * d_pad))
         _sketch_scores_kernel[(N, triton.cdiv(P, block_p))](
             q, kmin, kmax, codes, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
