@@ -37,8 +37,8 @@ def test_full_budget_equals_dense(arch, heads, kv_heads, head_dim, prompt, page_
     assert report["host_kv_bytes"] > 0
 
 
-@pytest.mark.parametrize("profile_kind", ["mixed", "all_stable", "all_unstable"])
-def test_full_budget_left_padded_batch(profile_kind, greedy):
+@pytest.mark.parametrize("profile_kind,sketch_bits", [("mixed", 0), ("all_stable", 0), ("all_unstable", 0), ("mixed", 2)])
+def test_full_budget_left_padded_batch(profile_kind, sketch_bits, greedy):
     from flexicache_hf import HeadProfile
 
     ref, fc = tiny_pair("llama", 6, 2, 64)
@@ -54,7 +54,7 @@ def test_full_budget_left_padded_batch(profile_kind, greedy):
         "all_stable": HeadProfile.all_stable(c.num_hidden_layers, c.num_key_value_heads),
         "all_unstable": HeadProfile.all_unstable(c.num_hidden_layers, c.num_key_value_heads),
     }[profile_kind]
-    knobs = dict(topk_pages=9, page_size=16, rerank_interval=3)
+    knobs = dict(topk_pages=9, page_size=16, rerank_interval=3, sketch_bits=sketch_bits)
     if profile is not None:
         knobs["profile"] = profile
     cache = make_cache(fc, **knobs)
