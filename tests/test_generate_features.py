@@ -1,6 +1,7 @@
 """generate() features at full budget must equal dense sdpa: sampling, streaming, beams, assisted
 decoding, multi-turn reuse and chunked prefill. fp64 tiny models keep float noise out of the way."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
@@ -47,12 +48,14 @@ def test_streaming_yields_the_generated_tokens():
     assert streamed == out[0, 30:].tolist() and streamer.ended
 
 
-def test_beam_search_matches_dense():
+@pytest.mark.parametrize("sketch_bits", [0, 2])
+def test_beam_search_matches_dense(sketch_bits):
+    """sketch 2: beams reorder the key sketches with the rest of the page metadata."""
     ref, fc = tiny_pair(**F64)
     ids = _ids(2, 33, 12)
     kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=24, do_sample=False, early_stopping=False)
     a = ref.generate(ids, **kw)
-    b = fc.generate(ids, past_key_values=_full(fc, 60), **kw)
+    b = fc.generate(ids, past_key_values=_full(fc, 60, sketch_bits=sketch_bits), **kw)
     assert torch.equal(a, b)
 
 
