@@ -12,6 +12,10 @@ Scorers (all a max over the GQA group's query heads, as REFERENCE section 4 spec
   minmax_l<x> q.c + x |q|.r: the bound with the page's spread weighted by x (x = 0: the box's centre)
   mean        q . mean of the page's keys (needs one more vector per page)
   minmax_lse  the MinMax bounds of the group's query heads pooled by logsumexp (in softmax units), not max
+  sketch<b>b  best q.k over the page's keys quantised to b bits per channel inside its min/max box
+  sketch2b_lse_max / sketch2b_mass  the page's logsumexp of sketched logits (max over the group) / its
+              softmax mass over sketched keys, summed over the group (the oracle's criterion, estimated)
+  exactmax    the page's true largest q.k (the best a per-token max can do)
   oracle      the true mass itself (the ceiling)
 
     python benchmarks/selector_probe.py --model smollm2 --prompt 4096 --steps 256 --every 8
@@ -60,7 +64,14 @@ def scores_for(q, keys, ps, scale):
         n = 2 ** bits
         lvl = ((pk - kmin[:, :, None]) / (kmax - kmin).clamp_min(1e-12)[:, :, None] * n).floor().clamp(0, n - 1)
         khat = kmin[:, :, None] + (lvl + 0.5) / n * (kmax - kmin)[:, :, None]  # each level's midpoint
-        out[f"sketch{bits}b"] = torch.einsum("hgd,hptd->hgpt", q, khat).amax(-1).amax(1)
+        logits = torch.einsum("hgd,hptd->hgpt", q, khat)  # [Hkv, G, P, ps]
+        out[f"sketch{bits}b"] = logits.amax(-1).amax(1)
+        if bits == 2:
+            # the page's attention mass as the sketched keys estimate it: softmax over every sketched token of
+            # each query head, summed over the page and the group (the oracle's criterion, on sketched keys)
+            lse = (logits * scale).logsumexp(-1)  # [Hkv, G, P]
+            out["sketch2b_lse_max"] = lse.amax(1)
+            out["sketch2b_mass"] = (lse - lse.logsumexp(-1, keepdim=True)).exp().sum(1)
     out["exactmax"] = torch.einsum("hgd,hptd->hgpt", q, pk).amax(-1).amax(1)
     return out
 
