@@ -195,15 +195,20 @@ class SnapKV(Method):
 
 @dataclass
 class OraclePages(Method):
-    """The page-selection ceiling: FlexiCache's budget, pages chosen by their true attention mass."""
+    """The page-selection ceiling: FlexiCache's budget, pages chosen by their true attention mass. With
+    sketch_bits ("sketch_mass_pages"), by the mass their key sketches predict: a diagnostic of ranking by
+    sketched mass (every head, every step, full-precision attention over the chosen pages)."""
 
     name: str = "oracle_pages"
+    sketch_bits: int = 0
 
     def empty_cache(self, ctx, budget, prompt_len):
-        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prompt_len), ctx.page_size)
+        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prompt_len), ctx.page_size,
+                                  sketch_bits=self.sketch_bits)
 
     def make_cache(self, ctx, budget, prefill):
-        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prefill.length), ctx.page_size, prefill.kv)
+        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prefill.length), ctx.page_size, prefill.kv,
+                                  sketch_bits=self.sketch_bits)
 
 
 def registry() -> dict[str, Method]:
@@ -220,6 +225,7 @@ def registry() -> dict[str, Method]:
             StreamingLLM(),
             SnapKV(),
             OraclePages(),
+            OraclePages(name="sketch_mass_pages", sketch_bits=2),
         )
     }
 

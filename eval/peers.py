@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from flexicache_hf import ops
 from flexicache_hf.cache import FlexiKV
 
 
@@ -238,11 +239,16 @@ class capture_query_windows:
 # ---------------------------------------------------------------------------------------------------
 # the page-selection oracle
 # ---------------------------------------------------------------------------------------------------
-def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, page_size: int, mask=None):
+def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, page_size: int, mask=None,
+                          sketch_bits: int = 0):
     """Decode attention over each KV head's `topk_pages` pages of highest *true* attention mass, plus the
     page holding the newest token (FlexiCache's budget rule). The mass of a page is the softmax weight of
     its keys over the whole context, summed over the query heads of the GQA group. No cheaper selector
     can pick better pages by that measure, so its accuracy is the ceiling of page selection at that budget.
+
+    With sketch_bits > 0 the mass is the one the cache's key sketches predict (ops.page_sketch_ref: the
+    full pages' keys quantised inside their min/max boxes; the newest page exact): what ranking pages by
+    sketched mass, instead of FlexiCache's best sketched q.k, would select (every head, every step).
 
     query [B, Hq, 1, D], keys/values [B, Hkv, T, D]; mask: None, or HF's sdpa mask [B, 1, 1, T] (bool:
     True attends; float: additive). Returns [B, 1, Hq, D] like sdpa_attention_forward. fp32 inside.
@@ -256,7 +262,19 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
     P = math.ceil(T / page_size)
     current = P - 1  # the newest token's page: always attended, never competes
-    mass = F.pad(logits.softmax(-1).sum(2), (0, P * page_size - T)).view(B, Hkv, P, page_size).sum(-1)
+    rank = logits
+    if sketch_bits:
+        full = (T // page_size) * page_size
+        valid = torch.ones(B, full, dtype=torch.bool, device=keys.device)
+        if mask is not None:
+            valid = m[:, 0, 0, :full] if m.dtype == torch.bool else m[:, 0, 0, :full] == 0
+        k = keys.float()
+        kmin, kmax = ops.page_minmax_ref(k[:, :, :full], valid, page_size)
+        codes = ops.page_sketch_ref(k[:, :, :full], valid, kmin, kmax, page_size, sketch_bits)
+        khat = torch.cat([ops.sketch_keys_ref(kmin, kmax, codes).flatten(2, 3).float(), k[:, :, full:]], 2)
+        rank = torch.einsum("bhgd,bhtd->bhgt", query.float().view(B, Hkv, G, D), khat) * scale
+        rank = rank.masked_fill(torch.isneginf(logits), float("-inf"))  # the same tokens masked
+    mass = F.pad(rank.softmax(-1).sum(2), (0, P * page_size - T)).view(B, Hkv, P, page_size).sum(-1)
     chosen = torch.zeros(B, Hkv, P, dtype=torch.bool, device=keys.device)
     chosen[..., current] = True
     k = min(topk_pages, current)
@@ -272,9 +290,9 @@ class OracleLayer(DynamicLayer):
     """Keeps every K/V (like DynamicCache); a one-token step attends through `oracle_page_attention`,
     a multi-token forward densely (sdpa), as FlexiCache does. Needs attn_implementation="flexicache"."""
 
-    def __init__(self, topk_pages: int, page_size: int):
+    def __init__(self, topk_pages: int, page_size: int, sketch_bits: int = 0):
         super().__init__()
-        self.topk_pages, self.page_size = topk_pages, page_size
+        self.topk_pages, self.page_size, self.sketch_bits = topk_pages, page_size, sketch_bits
 
     def update(self, key_states, value_states, *args, **kwargs):
         self._kv = super().update(key_states, value_states, *args, **kwargs)
@@ -286,12 +304,13 @@ class OracleLayer(DynamicLayer):
         scale = scaling if scaling is not None else module.scaling
         if query.shape[2] > 1:
             return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scale, **kwargs)
-        return oracle_page_attention(query, keys, values, scale, self.topk_pages, self.page_size, attention_mask), None
+        return oracle_page_attention(query, keys, values, scale, self.topk_pages, self.page_size, attention_mask,
+                                     self.sketch_bits), None
 
 
-def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None) -> Cache:
+def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None, sketch_bits: int = 0) -> Cache:
     """A cache of `OracleLayer`s, seeded with an uncompressed prompt if given."""
-    cache = Cache(layers=[OracleLayer(topk_pages, page_size) for _ in range(_num_layers(config))])
+    cache = Cache(layers=[OracleLayer(topk_pages, page_size, sketch_bits) for _ in range(_num_layers(config))])
     if prefill_kv is not None:
         for layer, (k, v) in zip(cache.layers, prefill_kv):
             DynamicLayer.update(layer, k, v)  # concatenation onto an empty tensor: a copy

@@ -74,7 +74,8 @@ def test_metrics_are_local_evaluate_modules():
 # ---------------------------------------------------------------------------------------------------
 # peers
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["streamingllm", "snapkv", "flexicache", "quest", "flexicache_no_rerank", "oracle_pages"])
+@pytest.mark.parametrize("method", ["streamingllm", "snapkv", "flexicache", "quest", "flexicache_no_rerank", "oracle_pages",
+                                    "sketch_mass_pages"])
 def test_full_budget_equals_dense(tiny, method):
     model, ids = tiny
     ctx = _ctx(model)
@@ -88,24 +89,37 @@ def test_full_budget_equals_dense(tiny, method):
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [0, 2])
 @pytest.mark.parametrize("T,ps,k,G", [(37, 4, 3, 1), (64, 16, 2, 5), (9, 4, 5, 3), (50, 8, 1, 2)])
-def test_oracle_pages_picks_the_heaviest_pages(T, ps, k, G):
+def test_oracle_pages_picks_the_heaviest_pages(T, ps, k, G, bits):
     """Brute force, one head at a time: the pages of highest softmax mass summed over the group, plus the
     newest token's page, and attention restricted to them. Odd lengths, partial pages, GQA 1 and 5, a
-    left-padding mask (the first 3 keys of batch row 1 are padding)."""
+    left-padding mask (the first 3 keys of batch row 1 are padding). bits 2: the mass is computed over the
+    full pages' sketched keys (the newest page exact); attention still reads the exact keys."""
+    from flexicache_hf import ops
+
     g = torch.Generator().manual_seed(T + ps)
     B, Hkv, D = 2, 3, 8
     q = torch.randn(B, Hkv * G, 1, D, generator=g)
     keys, values = torch.randn(B, Hkv, T, D, generator=g) * 2, torch.randn(B, Hkv, T, D, generator=g)
     mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
     mask[1, ..., :3] = False
-    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, mask)
+    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, mask, sketch_bits=bits)
     P = -(-T // ps)
+    full = (T // ps) * ps
+    ranked = keys.clone()
+    if bits:
+        kmin, kmax = ops.page_minmax_ref(keys[:, :, :full], mask[:, 0, 0, :full], ps)
+        codes = ops.page_sketch_ref(keys[:, :, :full], mask[:, 0, 0, :full], kmin, kmax, ps, bits)
+        ranked[:, :, :full] = ops.sketch_keys_ref(kmin, kmax, codes).flatten(2, 3)
+        assert not torch.equal(ranked, keys)
     for b in range(B):
         for h in range(Hkv):
             logits = q[b, h * G:(h + 1) * G, 0] @ keys[b, h].T * 0.3  # [G, T]
             logits[:, ~mask[b, 0, 0]] = float("-inf")
-            w = logits.softmax(-1).sum(0)
+            rank = q[b, h * G:(h + 1) * G, 0] @ ranked[b, h].T * 0.3
+            rank[:, ~mask[b, 0, 0]] = float("-inf")
+            w = rank.softmax(-1).sum(0)
             mass = [float(w[p * ps:(p + 1) * ps].sum()) for p in range(P - 1)]
             pages = sorted(range(P - 1), key=lambda p: -mass[p])[:k] + [P - 1]
             keep = torch.zeros(T, dtype=torch.bool)
@@ -229,7 +243,7 @@ def test_ablation_profiles(tiny):
         ctx.topk_pages(30, 100)  # not a page multiple
     assert set(M.METHOD_NAMES) == {
         "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest",
-        "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages",
+        "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages", "sketch_mass_pages",
     }
     spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
     assert [m.name for m in spread] == ["flexicache_spread0.5", "quest_spread0.5", "oracle_pages", "snapkv"]
