@@ -57,15 +57,16 @@ def test_graphs_pass_through_off_cuda():
 
 
 @cuda
-@pytest.mark.parametrize("arch,heads,kv_heads,ps,K,R", [("llama", 6, 2, 8, 3, 3), ("qwen2", 8, 1, 16, 2, 5),
-                                                        ("mistral", 12, 2, 4, 5, 1)])
-def test_graph_replay_equals_eager(arch, heads, kv_heads, ps, K, R):
+@pytest.mark.parametrize("arch,heads,kv_heads,ps,K,R,bits", [("llama", 6, 2, 8, 3, 3, 0), ("qwen2", 8, 1, 16, 2, 5, 0),
+                                                             ("mistral", 12, 2, 4, 5, 1, 0), ("llama", 6, 2, 8, 3, 3, 2)])
+def test_graph_replay_equals_eager(arch, heads, kv_heads, ps, K, R, bits):
     """Sparse budget, left-padded batch, page fills, reranks and promotions inside replayed steps: the same
-    tokens and logits as the eager path, and every K/V still recoverable bit-exactly."""
+    tokens and logits as the eager path, and every K/V still recoverable bit-exactly. bits 2: the key
+    sketches are written (page fills) and read (selection) inside the replayed steps."""
     _, fc = tiny_pair(arch, heads, kv_heads, 32, layers=3)
     fc = fc.cuda()
     ids, mask = _batch("cuda")
-    knobs = dict(topk_pages=K, page_size=ps, rerank_interval=R, use_kernels=True)
+    knobs = dict(topk_pages=K, page_size=ps, rerank_interval=R, use_kernels=True, sketch_bits=bits)
     eager_cache = make_cache(fc, **knobs)
     rec = Recorder(eager_cache)
     eager = _generate(fc, eager_cache, ids, mask, 70)
