@@ -242,14 +242,11 @@ def get_methods(names, score_spread: float = 1.0, sketch_bits: int = 0) -> list[
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(reg)}")
     out = [reg[n] for n in names]
-    if score_spread != 1.0:
-        for m in out:
-            if isinstance(m, FlexiCacheMethod):
-                m.score_spread, m.name = score_spread, f"{m.name}_spread{score_spread:g}"
-    if sketch_bits:
-        for m in out:
-            if isinstance(m, FlexiCacheMethod):
-                m.sketch_bits, m.name = sketch_bits, f"{m.name}_sketch{sketch_bits}"
+    for m in (m for m in out if isinstance(m, FlexiCacheMethod)):
+        if score_spread != 1.0:
+            m.score_spread, m.name = score_spread, f"{m.name}_spread{score_spread:g}"
+        if sketch_bits:
+            m.sketch_bits, m.name = sketch_bits, f"{m.name}_sketch{sketch_bits}"
     return out
 
 

@@ -77,8 +77,9 @@ class FlexiCacheLayer(CacheLayerMixin):
         if H != self.num_kv_heads:
             raise ValueError(f"layer {self.layer_idx}: got {H} KV heads, the cache was built for {self.num_kv_heads}")
         if D * self.cfg.sketch_bits % 8:
+            fits = [b for b in (1, 2, 4) if D * b % 8 == 0]
             raise ValueError(f"sketch_bits={self.cfg.sketch_bits} needs head_dim * sketch_bits to be a multiple of 8 "
-                             f"(head_dim is {D}); use sketch_bits=4 or 0")
+                             f"(head_dim is {D}); use sketch_bits in {[0] + fits}")
         self.batch, self.head_dim = B, D
         self.dtype, self.device = key_states.dtype, key_states.device
         ps, cfg = self.cfg.page_size, self.cfg

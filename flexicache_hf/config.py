@@ -74,7 +74,7 @@ class FlexiCacheConfig:
             bad("auto_unstable", self.auto_unstable, "give a fraction in (0, 1], e.g. 0.25, or a head count")
         if isinstance(self.score_spread, bool) or not isinstance(self.score_spread, (int, float)) or not 0 <= self.score_spread <= 1:
             bad("score_spread", self.score_spread, "give a number in [0, 1]: 1.0 is the MinMax bound (the default)")
-        if self.sketch_bits not in (0, 1, 2, 4) or isinstance(self.sketch_bits, bool):
+        if not isinstance(self.sketch_bits, int) or isinstance(self.sketch_bits, bool) or self.sketch_bits not in (0, 1, 2, 4):
             bad("sketch_bits", self.sketch_bits, "use 0 (MinMax bound only), 1, 2 or 4 bits per key channel")
         if self.sketch_bits and self.score_spread != 1.0:
             bad("score_spread", self.score_spread, "it shapes the MinMax bound, which sketch_bits replaces; "

@@ -102,7 +102,7 @@ def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spr
     qf = q.to(acc).unsqueeze(2)  # [N, G, 1, D]
     if codes is not None:
         khat = sketch_keys_ref(kmin, kmax, codes)  # [N, P, ps, D]
-        return torch.einsum("ngd,nptd->ngpt", q.to(acc), khat).amax(dim=(1, 3)).float()
+        return torch.einsum("ngd,nptd->ngpt", q.to(acc), khat).amax(dim=(1, 3))
     kmin, kmax = kmin.to(acc).unsqueeze(1), kmax.to(acc).unsqueeze(1)
     if spread == 1.0:
         per_q = torch.maximum(qf * kmax, qf * kmin).sum(-1)  # [N,G,P]

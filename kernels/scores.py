@@ -147,7 +147,7 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         args = (page_valid, current, page_valid.stride(0), rows_per_batch or N // page_valid.shape[0])
     else:
         args = (out, out, 0, rows_per_batch or 1)  # unused (MASKED=False)
-    launch = dict(**pdl(q.device))
+    launch = pdl(q.device)
     if codes is not None:
         ps, db = codes.shape[-2:]
         d_pad = max(16, next_pow2(D))

@@ -26,6 +26,7 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
         (dict(score_spread="0.5"), "score_spread='0.5' is invalid"),
         (dict(sketch_bits=3), "sketch_bits=3 is invalid: use 0 \\(MinMax bound only\\), 1, 2 or 4"),
         (dict(sketch_bits=True), "sketch_bits=True is invalid"),
+        (dict(sketch_bits=2.0), "sketch_bits=2.0 is invalid"),
         (dict(sketch_bits=2, score_spread=0.5), "score_spread=0.5 is invalid: it shapes the MinMax bound, which sketch_bits"),
     ],
 )
@@ -112,3 +113,11 @@ def test_batch_size_change_is_a_clear_error():
     fc.generate(torch.randint(1, 256, (2, 10)), past_key_values=cache, max_new_tokens=2)
     with pytest.raises(ValueError, match="fresh FlexiCache"):
         fc.generate(torch.randint(1, 256, (3, 10)), past_key_values=cache, max_new_tokens=2)
+
+
+def test_sketch_bits_that_do_not_pack_the_head_dim_are_a_clear_error():
+    """head_dim 36 with 1 bit per channel is 4.5 bytes per token: the error names the settings that fit."""
+    _, fc = tiny_pair("llama", 2, 2, 36)
+    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2), sketch_bits=1)
+    with pytest.raises(ValueError, match=r"head_dim is 36\); use sketch_bits in \[0, 2, 4\]"):
+        fc.generate(torch.randint(1, 256, (1, 20)), past_key_values=cache, max_new_tokens=2)
