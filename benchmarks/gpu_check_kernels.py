@@ -327,14 +327,34 @@ def sweep_select():
     torch.cuda.empty_cache()
 
 
-def sweep_sketch():
+def sweep_sketch(sweep: bool = True):
     """Launch shape of the key-sketch scores kernel (decoded elements per program x warps), graph replays,
-    against the MinMax bound's scores at the same shape."""
-    rows = []
+    against the MinMax bound's scores at the same shape; then, at the shipped launch shape, ranking by
+    predicted mass (sketch_score="mass": per-head logsumexps, the mass pass, top-K) checked against the
+    references and timed against ranking by the best sketched q.k."""
+    rows, mass_rows = [], []
+    defaults = KSC.SKETCH_ELEMENTS, KSC.SKETCH_WARPS
     for ctx, B in ((32768, 1), (32768, 8), (10240, 40)):
         L = Layer(ctx, B)
         bound = ms(lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx), graph=True) * 1e3
-        for el in (1024, 2048, 4096):
+        KSC.SKETCH_ELEMENTS, KSC.SKETCH_WARPS = defaults
+        scale = D ** -0.5
+        lse = KSC.page_lse(L.q, L.kmin, L.kmax, L.codes, scale, L.page_valid, L.current, L.u_idx)
+        q_rows = L.q[:, L.u_idx].flatten(0, 1)
+        cand = ~K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx).isneginf()
+        ref = ops.page_lse_ref(q_rows, L.kmin, L.kmax, L.codes, scale).masked_fill(~cand[:, None], float("-inf"))
+        expect("page_lse, 2-bit sketch", lse.masked_fill(~cand[:, None], 0), ref.masked_fill(~cand[:, None], 0))
+        mass = KSC.page_mass(lse)
+        expect("page_mass", mass.masked_fill(~cand, 0), ops.page_mass_ref(lse).masked_fill(~cand, 0))
+        sel = lambda **kw: KS.select_pages(L.q, L.kmin, L.kmax, L.page_valid, L.current, BUDGET, True, L.u_idx,  # noqa: E731
+                                           codes=L.codes, **kw)
+        same = torch.equal(sel(mass_scale=scale)[:, :-1], ops.topk_pages_ref(mass, BUDGET))
+        print(f"  check {'select by mass (exact ids)':<28} {'ok' if same else 'FAIL'}")
+        mass_rows.append((ctx, B, bound, ms(lambda: sel(), graph=True) * 1e3, ms(lambda: sel(mass_scale=scale), graph=True) * 1e3,
+                          ms(lambda: KSC.page_lse(L.q, L.kmin, L.kmax, L.codes, scale, L.page_valid, L.current, L.u_idx),
+                             graph=True) * 1e3, ms(lambda: KSC.page_mass(lse), graph=True) * 1e3))
+        print("  mass timing", mass_rows[-1], flush=True)
+        for el in (1024, 2048, 4096) if sweep else ():
             for w in (1, 2, 4):
                 KSC.SKETCH_ELEMENTS, KSC.SKETCH_WARPS = el, w
                 t = ms(lambda: K.page_scores(L.q, L.kmin, L.kmax, L.page_valid, L.current, L.u_idx, codes=L.codes),
@@ -343,9 +363,14 @@ def sweep_sketch():
                 print(f"  sketch scores ctx {ctx} batch {B}: {el} elements x {w} warps {t:.1f} us (bound {bound:.1f} us)")
         del L
         torch.cuda.empty_cache()
+    KSC.SKETCH_ELEMENTS, KSC.SKETCH_WARPS = defaults
     print("\n| ctx | batch | elements / program | warps | sketch scores us | bound scores us |\n|---|---|---|---|---|---|")
     for r in rows:
         print("| %d | %d | %d | %d | %.1f | %.1f |" % r)
+    print("\n| ctx | batch | bound scores us | select by best sketched q.k us | select by sketched mass us | "
+          "of which logsumexps | mass pass |\n|---|---|---|---|---|---|---|")
+    for r in mass_rows:
+        print("| %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f |" % r)
 
 
 def cpu_overhead_us(fn, n=200):
@@ -482,14 +507,15 @@ def main():
     ap.add_argument("--no-pdl", action="store_true", help="programmatic dependent launch off (on by default)")
     ap.add_argument("--shapes", default="", help="only these ctx x batch, e.g. 32768x8,10240x40")
     ap.add_argument("--only-sketch", action="store_true", help="only the key-sketch scores launch sweep")
+    ap.add_argument("--only-mass", action="store_true", help="only the check and timing of selection by sketched mass")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
     print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}")
     if args.no_pdl:
         _util.PDL = False
-    if args.only_sketch:
-        return sweep_sketch()
+    if args.only_sketch or args.only_mass:
+        return sweep_sketch(sweep=not args.only_mass)
     if args.only_copy:
         ok, gbps = bench_copy()
         print("\n| path | GB/s |\n|---|---|")

@@ -1,7 +1,7 @@
 """End-to-end checks and benchmark of FlexiCache inside generate() on one GPU, in one run.
 
     python benchmarks/gpu_e2e.py [--skip-real] [--shapes 32768x1 32768x4 10240x16] [--new 64] [--layers 32]
-                                 [--sketch-bits 2]
+                                 [--sketch-bits 2 [--sketch-scores mass max]]
                                  [--throughput --budget-gib 40 --prompt 30000 --outputs 1000]
 
 1. Correctness on SmolLM2-135M-Instruct (fp32, Triton kernels): full budget -> the same greedy tokens
@@ -239,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--sketch-bits", type=int, default=0,
                     help="per shape, also FlexiCache (graphs) scoring pages by a key sketch of this many bits")
+    ap.add_argument("--sketch-scores", nargs="*", default=["mass"], choices=("mass", "max"),
+                    help="with --sketch-bits: one FlexiCache run per way of ranking by the sketch (sketch_score)")
     ap.add_argument("--sweep", nargs="*", type=int, default=[], help="contexts for a batch-1 sweep (dense vs graphs)")
     ap.add_argument("--json", help="write the sweep here (benchmarks/plot_e2e.py draws it)")
     ap.add_argument("--chunked", nargs="*", type=int, default=[],
@@ -289,11 +291,12 @@ def main(argv=None):
         offl = bench(model, lambda: DynamicCache(config=model.config, offloading=True), ctx, batch, args.new)
         rows.append((ctx, batch, dense, eager, graphs, offl))
         print(ctx, batch, dense, eager, graphs, offl, flush=True)
-        if args.sketch_bits:
+        for score in args.sketch_scores if args.sketch_bits else []:
             sk = bench(model, lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16,
-                                                 sketch_bits=args.sketch_bits), ctx, batch, args.new, graphs=True)
-            sketched.append((ctx, batch, dense, graphs, sk))
-            print("sketch", sk, flush=True)
+                                                 sketch_bits=args.sketch_bits, sketch_score=score),
+                       ctx, batch, args.new, graphs=True)
+            sketched.append((ctx, batch, dense, graphs, sk, score))
+            print("sketch", score, sk, flush=True)
     tput = throughput(model, args.budget_gib, args.prompt, args.outputs) if args.throughput else []
     chunked = []
     for batch in args.chunked:  # generate(prefill_chunk_size=4096, max_new_tokens=1): prefill time
@@ -320,8 +323,8 @@ def main(argv=None):
         print(f"\n| ctx | batch | dense decode ms/tok | FlexiCache graphs ms/tok: MinMax bound | {args.sketch_bits}-bit key sketch | "
               "sketch vs bound | sketch vs dense | metadata GiB: bound | sketch | peak GiB: bound | sketch |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|")
-        for ctx, batch, d, g, k in sketched:
-            print(f"| {ctx} | {batch} | {d['decode_ms']:.1f} | {g['decode_ms']:.1f} | {k['decode_ms']:.1f} | "
+        for ctx, batch, d, g, k, score in sketched:
+            print(f"| {ctx} | {batch} | {d['decode_ms']:.1f} | {g['decode_ms']:.1f} | {k['decode_ms']:.1f} ({score}) | "
                   f"{k['decode_ms'] / g['decode_ms']:.2f}x | {d['decode_ms'] / k['decode_ms']:.2f}x | {g['metadata_gib']:.2f} | "
                   f"{k['metadata_gib']:.2f} | {g['peak_gib']:.1f} | {k['peak_gib']:.1f} |")
     print("\n".join(tput))

@@ -20,7 +20,7 @@ model_args: pretrained (smollm2 | qwen-coder-0.5b | a local HF folder), method (
 flexicache_hf.eval.methods: dense, flexicache, flexicache_no_rerank, flexicache_all_stable, quest,
 flexicache_random_unstable, streamingllm, snapkv), budget (tokens per KV head, or "full"), page_size,
 sketch_bits (FlexiCache methods score pages by per-token key sketches of that many bits; 0: the MinMax
-bound), profile (a profile JSON; default the shipped one), dtype, threads, plus HFLM's own (max_length, ...).
+bound), sketch_score (mass | max: how the sketches rank pages), profile (a profile JSON; default the shipped one), dtype, threads, plus HFLM's own (max_length, ...).
 The device comes from lm_eval's --device (or `device=` in model_args when calling simple_evaluate
 without one), as for its "hf" model. Only generate_until requests use the method's cache (greedy; one row at a time, the
 prefill shared the way the harness's runner does it); loglikelihood requests are full forwards, which are
@@ -60,13 +60,14 @@ def _define():
 
         def __init__(self, pretrained: str = "smollm2", method: str = "flexicache", budget="1024", page_size: int = 16,
                      profile: str | None = None, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
-                     max_new_tokens_full: int = 256, sketch_bits: int = 0, **kwargs):
+                     max_new_tokens_full: int = 256, sketch_bits: int = 0, sketch_score: str = "mass",
+                     **kwargs):
             if threads:
                 torch.set_num_threads(int(threads))
             torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             model, tok = load_model(pretrained, dtype=torch_dtype, attn_implementation="flexicache")
             model.to(device)
-            self.method = M.get_methods([method], sketch_bits=int(sketch_bits))[0]
+            self.method = M.get_methods([method], sketch_bits=int(sketch_bits), sketch_score=sketch_score)[0]
             self.budget = parse_budget(budget)
             prof = runner.resolve_profile(model, tok, profile, cache_dir() / "eval_profiles")
             self.ctx = M.Context(model, prof, page_size=int(page_size), max_new_tokens=int(max_new_tokens_full))

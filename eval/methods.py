@@ -124,6 +124,7 @@ class FlexiCacheMethod(Method):
     seed: int = 0
     score_spread: float = 1.0  # FlexiCacheConfig.score_spread (1.0: the MinMax bound)
     sketch_bits: int = 0  # FlexiCacheConfig.sketch_bits (0: no key sketch)
+    sketch_score: str = "mass"  # FlexiCacheConfig.sketch_score
 
     def head_profile(self, ctx: Context):
         from flexicache_hf.profiles import HeadProfile
@@ -150,7 +151,7 @@ class FlexiCacheMethod(Method):
         return FlexiCache(
             ctx.config, profile=self.head_profile(ctx), topk_pages=ctx.topk_pages(budget, prompt_len),
             page_size=ctx.page_size, rerank_interval=interval, score_spread=self.score_spread,
-            sketch_bits=self.sketch_bits,
+            sketch_bits=self.sketch_bits, sketch_score=self.sketch_score,
             max_cache_len=prompt_len + ctx.max_new_tokens + 1,  # buffers and pinned pool sized once per request
         )
 
@@ -233,10 +234,11 @@ def registry() -> dict[str, Method]:
 METHOD_NAMES = tuple(registry())
 
 
-def get_methods(names, score_spread: float = 1.0, sketch_bits: int = 0) -> list[Method]:
+def get_methods(names, score_spread: float = 1.0, sketch_bits: int = 0, sketch_score: str = "mass") -> list[Method]:
     """The methods by name. With score_spread != 1 (or sketch_bits > 0) every FlexiCache method uses it
-    and is renamed `<name>_spread<x>` (`<name>_sketch<b>`), so its results never mix with the MinMax
-    bound's in a resumed results.json."""
+    and is renamed `<name>_spread<x>` (`<name>_sketch<b>mass` ranking pages by predicted mass, the default,
+    `<name>_sketch<b>` by the best sketched q.k), so its results never mix with the MinMax bound's in a
+    resumed results.json."""
     reg = registry()
     unknown = [n for n in names if n not in reg]
     if unknown:
@@ -246,7 +248,8 @@ def get_methods(names, score_spread: float = 1.0, sketch_bits: int = 0) -> list[
         if score_spread != 1.0:
             m.score_spread, m.name = score_spread, f"{m.name}_spread{score_spread:g}"
         if sketch_bits:
-            m.sketch_bits, m.name = sketch_bits, f"{m.name}_sketch{sketch_bits}"
+            suffix = "mass" if sketch_score == "mass" else ""
+            m.sketch_bits, m.sketch_score, m.name = sketch_bits, sketch_score, f"{m.name}_sketch{sketch_bits}{suffix}"
     return out
 
 

@@ -342,14 +342,14 @@ class FlexiCacheLayer(CacheLayerMixin):
         q = query.reshape(B, self.num_kv_heads, Hq // self.num_kv_heads, D)
         groups = []
         if self.dense is not None:  # unstable heads: select every step; the current page is the last entry
-            table = self._select(q, self.u_idx, self.dense, current, append_current=True)
+            table = self._select(q, self.u_idx, self.dense, current, scale, append_current=True)
             if self.calibration is not None:
                 self.calibration.record(self.layer_idx, table[..., :-1], self.length // self.cfg.page_size)
             groups.append(ops.PageGroup(*self.dense.page_pools(), table, self.u_idx, by_entry=False, pending=True))
         promote = None
         if self.offloaded is not None:  # stable heads: every resident slot, re-selected at a rerank
             if flags.rerank:
-                selected = self._select(q, self.s_idx, self.offloaded, current)
+                selected = self._select(q, self.s_idx, self.offloaded, current, scale)
                 if self.need_select:  # the first decode step uses its top-K at once (nothing resident yet)
                     self.offloaded.promote(selected, current)
                 else:  # a periodic rerank: this step still reads the old set, the new one from the next
@@ -369,16 +369,19 @@ class FlexiCacheLayer(CacheLayerMixin):
             self.calibration.finish()
         return out.reshape(B, 1, Hq, D)
 
-    def _select(self, q: torch.Tensor, heads, group, current: torch.Tensor, append_current=False) -> torch.Tensor:
+    def _select(self, q: torch.Tensor, heads, group, current: torch.Tensor, scale: float, append_current=False
+                ) -> torch.Tensor:
         """Top-K pages among the valid full pages before `current`, for the heads `heads` of the layer's
         query q [B, H, G, D] (the rows of `group`): [B, Hg, K] ids, best first, then -1
         (ops.select_pages_ref), with append_current `current` as a last column. Scores cover the whole
         metadata capacity (a fixed shape) with the non-candidates masked; with at most K candidates
-        every one is selected."""
+        every one is selected. With key sketches ranked by mass, `scale` (the softmax scale) turns their
+        q.k into the logits whose mass is predicted."""
         kmin, kmax, codes = group.meta.rows()
+        mass_scale = scale if codes is not None and self.cfg.sketch_score == "mass" else None
         ids = ops.select_pages(
             q, kmin, kmax, self.page_valid, current, self.cfg.topk_pages, append_current, heads,
-            self.cfg.use_kernels, self.cfg.score_spread, codes,
+            self.cfg.use_kernels, self.cfg.score_spread, codes, mass_scale,
         )
         return ids.view(self.batch, len(heads), -1)
 

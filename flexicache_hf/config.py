@@ -34,6 +34,10 @@ class FlexiCacheConfig:
             page_size * head_dim * sketch_bits / 8 more bytes of GPU metadata per page and head (2 bits,
             pages of 16, bf16: as much again as kmin + kmax, 1/16 of the page's K/V) and 2-9% longer decode
             steps (docs/performance.md). Needs head_dim * sketch_bits divisible by 8.
+        sketch_score: how sketched keys rank pages (with sketch_bits > 0). "mass" (the default): by the
+            attention mass they predict, each query head's softmax over the candidate pages summed over the
+            GQA group (ops.page_mass_ref), the oracle's criterion estimated: pages holding several relevant
+            tokens outrank a page with one. "max": by the best sketched q.k (ops.page_scores_ref).
         use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
             elsewhere; True forces kernels (error if unavailable); False forces the references.
     """
@@ -47,6 +51,7 @@ class FlexiCacheConfig:
     auto_unstable: float = 0.25
     score_spread: float = 1.0
     sketch_bits: int = 0
+    sketch_score: str = "mass"
     use_kernels: bool | str = "auto"
 
     def __post_init__(self):
@@ -79,6 +84,9 @@ class FlexiCacheConfig:
         if self.sketch_bits and self.score_spread != 1.0:
             bad("score_spread", self.score_spread, "it shapes the MinMax bound, which sketch_bits replaces; "
                 "leave score_spread at 1.0 when sketch_bits > 0")
+        if self.sketch_score not in ("mass", "max"):
+            bad("sketch_score", self.sketch_score, 'use "mass" (rank pages by predicted attention mass) or "max" '
+                "(by the best sketched q.k)")
         if self.use_kernels not in ("auto", True, False):
             bad("use_kernels", self.use_kernels, 'use "auto", True or False')
 

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FlexiCache page scores q.c + x |q|.r (1.0, the default: the MinMax bound); methods get a _spread<x> suffix")
     p.add_argument("--sketch-bits", type=int, default=0, choices=(0, 1, 2, 4),
                    help="FlexiCache pages scored by a per-token key sketch of this many bits per channel "
-                        "(0, the default: the MinMax bound); methods get a _sketch<b> suffix")
+                        "(0, the default: the MinMax bound); methods get a _sketch<b>mass suffix (_sketch<b> with --sketch-score max)")
+    p.add_argument("--sketch-score", default="mass", choices=("mass", "max"),
+                   help="with --sketch-bits: rank pages by the attention mass the sketches predict (default) or by the best sketched q.k")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated tasks and texts")
     p.add_argument("--no-resume", action="store_true", help="start a fresh results.json")
     p.add_argument("--no-shared-prefill", action="store_true", help="a full prefill per (method, budget) instead of one per sample")
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
             print(f"[eval] {len(ds)} prompts built in {time.perf_counter() - t1:.1f} s "
                   f"(fingerprint {tasks.dataset_fingerprint(ds)})", flush=True)
             stats["tasks"] = runner.run_tasks(
-                model, tok, ds, M.get_methods(job["methods"], args.score_spread, args.sketch_bits), job["budgets"], store, profile,
+                model, tok, ds, M.get_methods(job["methods"], args.score_spread, args.sketch_bits, args.sketch_score), job["budgets"], store, profile,
                 method_budgets=job["method_budgets"], page_size=args.page_size, shared_prefill=not args.no_shared_prefill,
                 stop_blank_line=not args.no_stop_blank_line, progress=progress,
             )
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         fid = job.get("fidelity")
         if fid:
             stats["fidelity"] = runner.run_fidelity(
-                model, tok, M.get_methods(fid["methods"], args.score_spread, args.sketch_bits), fid["budgets"], store, profile,
+                model, tok, M.get_methods(fid["methods"], args.score_spread, args.sketch_bits, args.sketch_score), fid["budgets"], store, profile,
                 prompt_tokens=fid["prompt_tokens"], steps=fid["steps"], kinds=fid["kinds"], seed=args.seed,
                 page_size=args.page_size, progress=progress,
             )

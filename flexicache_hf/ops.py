@@ -111,6 +111,29 @@ def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spr
     return per_q.amax(dim=1)
 
 
+def page_lse_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query head's logsumexp of scale * q.khat over each page's sketched keys (khat: sketch_keys_ref):
+    q [N, G, D]; kmin, kmax [N, P, D]; codes [N, P, ps, Db] -> [N, G, P] in the accumulation dtype. The
+    attention logits the sketches predict, pooled per page; a partly padded page counts its first valid
+    token once more per padding token (page_sketch_ref), a slight overestimate of that one page."""
+    khat = sketch_keys_ref(kmin, kmax, codes)  # [N, P, ps, D]
+    return (torch.einsum("ngd,nptd->ngpt", q.to(_acc(q)), khat) * scale).logsumexp(-1)
+
+
+def page_mass_ref(lse: torch.Tensor) -> torch.Tensor:
+    """The attention mass the sketches predict for each page: lse [N, G, P] (page_lse_ref; -inf where a page
+    is no candidate) -> [N, P], each page's share of each query head's softmax over the candidate pages,
+    summed over the GQA group (so every head's choice weighs the same, as in the true attention of the
+    group); -inf where a page is no candidate. This is the oracle's criterion (true mass) estimated from
+    the sketches; it ranks better than the best sketched q.k when several tokens of a page matter
+    (docs/accuracy.md, "Per-token key sketch")."""
+    cand = ~torch.isneginf(lse)
+    top = lse.amax(-1, keepdim=True)
+    share = (lse - top.masked_fill(torch.isneginf(top), 0)).exp()
+    mass = (share / share.sum(-1, keepdim=True)).nan_to_num(0.0).sum(1)  # 0/0: a head without candidates
+    return mass.masked_fill(~cand.any(1), NEG_INF)
+
+
 def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest finite scores of each row as page ids, best first (ties: the lower page first),
     then -1 where fewer than k scores are finite. scores [N, P] fp32, k <= P -> [N, k] int64.
@@ -120,13 +143,14 @@ def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current: bool = False,
-                     heads=None, spread: float = 1.0, codes=None) -> torch.Tensor:
+                     heads=None, spread: float = 1.0, codes=None, mass_scale=None) -> torch.Tensor:
     """Decode-time page selection of one head group: the top-k candidate pages per row.
 
     q [N, G, D], or with `heads` [Hg] the layer's query [B, H, G, D] whose heads `heads` are the rows
     (row n = b * Hg + h); kmin, kmax [N, P, D]; page_valid [B, >=P] bool (row n belongs to batch
     n // (N // B)); current: a device tensor [1], the page holding the newest token. Candidates are the
-    valid pages before `current`; their scores (page_scores_ref, with `spread` or `codes` [N, P, ps, Db]) rank them. Returns [N, min(k, P)]
+    valid pages before `current`; their scores (page_scores_ref, with `spread` or `codes` [N, P, ps, Db]; with
+    codes and mass_scale, the softmax scale, page_mass_ref over the candidates) rank them. Returns [N, min(k, P)]
     int64: topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates,
     all of them). With append_current, `current` follows as one more column: the page table unstable
     heads attend to.
@@ -134,10 +158,13 @@ def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current:
     if heads is not None:
         q = q[:, heads].reshape(-1, *q.shape[2:])
     N, P = kmin.shape[:2]
-    scores = page_scores_ref(q, kmin, kmax, spread, codes)
     batch = torch.arange(N, device=q.device) // (N // page_valid.shape[0])
     cand = page_valid[batch, :P] & (torch.arange(P, device=q.device) < current)
-    ids = topk_pages_ref(scores.masked_fill(~cand, NEG_INF), min(k, P))
+    if codes is not None and mass_scale is not None:
+        scores = page_mass_ref(page_lse_ref(q, kmin, kmax, codes, mass_scale).masked_fill(~cand[:, None], NEG_INF))
+    else:
+        scores = page_scores_ref(q, kmin, kmax, spread, codes).masked_fill(~cand, NEG_INF)
+    ids = topk_pages_ref(scores, min(k, P))
     if append_current:
         ids = torch.cat([ids, current.view(1, 1).to(ids.dtype).expand(N, 1)], dim=1)
     return ids
@@ -280,9 +307,9 @@ def page_sketch(keys, valid, kmin, kmax, page_size, bits):
 
 
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
-                 spread=1.0, codes=None):
+                 spread=1.0, codes=None, mass_scale=None):
     return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k,
-                append_current, heads, spread, codes)
+                append_current, heads, spread, codes, mass_scale)
 
 
 def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):

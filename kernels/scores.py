@@ -1,7 +1,9 @@
 """Page scores: Quest MinMax upper bound of q.k per page (or its spread-weighted form), or the best q.k
-over the page's sketched keys; max over the GQA group, fp32.
+over the page's sketched keys; max over the GQA group, fp32. Or, for ranking by sketched attention mass,
+each query head's logsumexp over each page's sketched keys, then each page's share of each head's softmax
+summed over the group.
 
-Semantics: ``flexicache_hf.ops.page_scores_ref``. One program scores BLOCK_P pages of one row for the
+Semantics: ``flexicache_hf.ops.page_scores_ref``, ``page_lse_ref``, ``page_mass_ref``. One program scores BLOCK_P pages of one row for the
 whole group, so kmin/kmax (and the codes: the only large inputs) are read from memory once. The bound is computed elementwise,
 max(q*kmax, q*kmin), not as q+.kmax + q-.kmin: the two agree only when kmin <= kmax, and the kernel
 must match the reference on any input. It is memory-bound either way.
@@ -32,11 +34,16 @@ def _query_row(n, HEADS, H, rows_per_batch, MAPPED: tl.constexpr):
 
 
 @triton.jit
+def _candidates(n, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch):
+    """Row n's candidate pages among offs_p: valid pages before the current one (select_pages)."""
+    ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
+    return ok & (offs_p < tl.load(CURRENT))
+
+
+@triton.jit
 def _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED: tl.constexpr):
-    if MASKED:  # candidates: valid pages before the current one (select_pages)
-        ok = tl.load(VALID + (n // rows_per_batch) * s_vb + offs_p, mask=mask_p, other=0) != 0
-        ok = ok & (offs_p < tl.load(CURRENT))
-        best = tl.where(ok, best, float("-inf"))
+    if MASKED:
+        best = tl.where(_candidates(n, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch), best, float("-inf"))
     tl.store(OUT + n.to(tl.int64) * P + offs_p, best, mask=mask_p)
 
 
@@ -78,11 +85,13 @@ def _page_scores_kernel(
 @triton.jit
 def _sketch_scores_kernel(
     Q, KMIN, KMAX, CODES, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, s_cn, s_cp, s_ct, VALID, CURRENT, s_vb,
-    rows_per_batch, HEADS, H,
+    rows_per_batch, HEADS, H, scale,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB: tl.constexpr, PS: tl.constexpr,
-    BITS: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr, MAPPED: tl.constexpr, PDL: tl.constexpr,
+    BITS: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr, MAPPED: tl.constexpr, LSE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Each page's best q.khat over its tokens and the group's query heads. The BLOCK_P pages' tokens are
+    """Each page's best q.khat over its tokens and the group's query heads, or with LSE each query head's
+    logsumexp of scale * q.khat over the page ([N, G, P]: row n * G + g). The BLOCK_P pages' tokens are
     decoded once into a [pages, tokens, D] block of keys (ops.sketch_keys_ref), then scored by each query
     head. Channel d of a token sits in byte d % DB of its codes, at bit (d // DB) * BITS."""
     if PDL:
@@ -107,8 +116,89 @@ def _sketch_scores_kernel(
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(G):
         qg = tl.load(Q + qrow * s_qn + g * s_qg + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-        best = tl.maximum(best, tl.max(tl.sum(keys * qg[None, None, :], 2), 1))
-    _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED)
+        logits = tl.sum(keys * qg[None, None, :], 2)  # [BLOCK_P, PS]
+        if LSE:  # base-2 exponentials, converted back to natural log units
+            logits = logits * (scale * 1.4426950408889634)
+            top = tl.max(logits, 1)
+            lse = (top + tl.log2(tl.sum(tl.exp2(logits - top[:, None]), 1))) * 0.6931471805599453
+            _store(OUT + g * P, lse, n, G * P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED)
+        else:
+            best = tl.maximum(best, tl.max(logits, 1))
+    if not LSE:
+        _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch, MASKED)
+
+
+@triton.jit
+def _mass_kernel(LSE, OUT, P, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Row n of ops.page_mass_ref: two passes over the row's [G, P] logsumexps, an online softmax
+    normaliser per query head, then each page's share summed over the group (-inf: no candidate)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    n = tl.program_id(0)
+    offs_g = tl.arange(0, G_PAD)
+    base = LSE + n.to(tl.int64) * G * P + offs_g[:, None] * P
+    top = tl.full([G_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([G_PAD], tl.float32)
+    for p0 in range(0, P, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        x = tl.load(base + offs[None, :], mask=(offs_g < G)[:, None] & (offs < P)[None, :], other=float("-inf"))
+        new_top = tl.maximum(top, tl.max(x, 1))
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # a head without candidates so far
+        total = total * tl.exp(top - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+        top = new_top
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    inv = tl.where(total > 0, 1.0 / total, 0.0)
+    for p0 in range(0, P, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        x = tl.load(base + offs[None, :], mask=(offs_g < G)[:, None] & (offs < P)[None, :], other=float("-inf"))
+        share = tl.where(x == float("-inf"), 0.0, tl.exp(x - safe[:, None]) * inv[:, None])
+        mass = tl.where(tl.max(x, 0) == float("-inf"), float("-inf"), tl.sum(share, 0))
+        tl.store(OUT + n.to(tl.int64) * P + offs, mass, mask=offs < P)
+
+
+def _prepare(q, kmin, kmax, codes, page_valid, current, heads, out):
+    """Shared launch arguments: unit-stride inputs, the query row mapping and the candidate mask."""
+    N, P, D = kmin.shape
+    # Unit stride along D lets the loads vectorise; anything else is copied once.
+    q, kmin, kmax = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kmin, kmax))
+    if codes is not None and codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    mapped = heads is not None
+    if mapped:
+        B, H = q.shape[:2]
+        assert N == B * len(heads), "rows must be batch x heads"
+        q = q.contiguous().view(B * H, q.shape[-2], D)  # a no-op view for the decode query
+        map_args, rows_per_batch = (heads, H), len(heads)
+    else:
+        map_args, rows_per_batch = (out, 0), None
+    masked = page_valid is not None
+    if masked:
+        if page_valid.dtype == torch.bool:
+            page_valid = page_valid.view(torch.uint8)
+        if page_valid.stride(-1) != 1:
+            page_valid = page_valid.contiguous()
+        mask_args = (page_valid, current, page_valid.stride(0), rows_per_batch or N // page_valid.shape[0])
+    else:
+        mask_args = (out, out, 0, rows_per_batch or 1)  # unused (MASKED=False)
+    return q, kmin, kmax, codes, mask_args, map_args, dict(MASKED=masked, MAPPED=mapped, **pdl(q.device))
+
+
+def _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, flags):
+    N, P, D = kmin.shape
+    ps, db = codes.shape[-2:]
+    d_pad = max(16, next_pow2(D))
+    # launch shape from `benchmarks/gpu_check_kernels.py --only-sketch` (H100): 4k elements x 1 warp was
+    # the fastest of 1-4k x 1-4 warps at 32k/batch 1 and 8 and 10k/batch 40; 8k elements x 4 warps
+    # with a tl.dot over the group ran 7-8x slower (register spills)
+    block_p = max(1, SKETCH_ELEMENTS // (ps * d_pad))
+    _sketch_scores_kernel[(N, triton.cdiv(P, block_p))](
+        q, kmin, kmax, codes, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
+        kmax.stride(0), kmax.stride(1), codes.stride(0), codes.stride(1), codes.stride(2), *mask_args, *map_args,
+        float(scale), G=q.shape[-2], D=D, D_PAD=d_pad, DB=db, PS=ps, BITS=8 * db // D, BLOCK_P=block_p,
+        num_warps=SKETCH_WARPS, **flags,
+    )
+    return out
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid=None, current=None,
@@ -126,45 +216,41 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         return out
     if G == 0:
         return out.fill_(float("-inf"))  # amax over an empty group (the reference raises instead)
-    # Unit stride along D lets the loads vectorise; anything else is copied once.
-    q, kmin, kmax = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kmin, kmax))
-    if codes is not None and codes.stride(-1) != 1:
-        codes = codes.contiguous()
-    mapped = heads is not None
-    if mapped:
-        B, H = q.shape[:2]
-        assert N == B * len(heads), "rows must be batch x heads"
-        q = q.contiguous().view(B * H, G, D)  # a no-op view for the decode query
-        map_args, rows_per_batch = (heads, H), len(heads)
-    else:
-        map_args, rows_per_batch = (out, 0), None
-    masked = page_valid is not None
-    if masked:
-        if page_valid.dtype == torch.bool:
-            page_valid = page_valid.view(torch.uint8)
-        if page_valid.stride(-1) != 1:
-            page_valid = page_valid.contiguous()
-        args = (page_valid, current, page_valid.stride(0), rows_per_batch or N // page_valid.shape[0])
-    else:
-        args = (out, out, 0, rows_per_batch or 1)  # unused (MASKED=False)
-    launch = pdl(q.device)
+    q, kmin, kmax, codes, mask_args, map_args, flags = _prepare(q, kmin, kmax, codes, page_valid, current, heads, out)
     if codes is not None:
-        ps, db = codes.shape[-2:]
-        d_pad = max(16, next_pow2(D))
-        # launch shape from `benchmarks/gpu_check_kernels.py --only-sketch` (H100): 4k elements x 1 warp was
-        # the fastest of 1-4k x 1-4 warps at 32k/batch 1 and 8 and 10k/batch 40; 8k elements x 4 warps
-        # with a tl.dot over the group ran 7-8x slower (register spills)
-        block_p = max(1, SKETCH_ELEMENTS // (ps * d_pad))
-        _sketch_scores_kernel[(N, triton.cdiv(P, block_p))](
-            q, kmin, kmax, codes, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
-            kmax.stride(0), kmax.stride(1), codes.stride(0), codes.stride(1), codes.stride(2), *args, *map_args,
-            G=G, D=D, D_PAD=d_pad, DB=db, PS=ps, BITS=8 * db // D, BLOCK_P=block_p, MASKED=masked, MAPPED=mapped,
-            num_warps=SKETCH_WARPS, **launch,
-        )
-        return out
+        return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, 1.0, dict(LSE=False, **flags))
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
-        kmax.stride(0), kmax.stride(1), *args, *map_args, float(spread), G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, MASKED=masked, MAPPED=mapped, BOUND=spread == 1.0, num_warps=NUM_WARPS, **launch,
+        kmax.stride(0), kmax.stride(1), *mask_args, *map_args, float(spread), G=G, D=D, D_PAD=max(16, next_pow2(D)),
+        BLOCK_P=BLOCK_P, BOUND=spread == 1.0, num_warps=NUM_WARPS, **flags,
     )
+    return out
+
+
+def page_lse(q, kmin, kmax, codes, scale: float, page_valid=None, current=None, heads=None) -> torch.Tensor:
+    """Each query head's logsumexp of scale * q.khat over each page's sketched keys: [N, G, P] fp32
+    (ops.page_lse_ref), -inf where a page is no candidate (with page_valid, current; as page_scores)."""
+    N, P, D = kmin.shape
+    out = new_output((N, q.shape[-2], P), q.device, torch.float32)
+    if out.numel() == 0:
+        return out
+    q, kmin, kmax, codes, mask_args, map_args, flags = _prepare(q, kmin, kmax, codes, page_valid, current, heads, out)
+    return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, dict(LSE=True, **flags))
+
+
+MASS_BLOCK = 1024  # logsumexps of a row loaded per loop iteration (G_PAD heads x MASS_BLOCK // G_PAD pages)
+
+
+def page_mass(lse: torch.Tensor) -> torch.Tensor:
+    """lse [N, G, P] (-inf: no candidate) -> [N, P] fp32 (ops.page_mass_ref): one program per row."""
+    N, G, P = lse.shape
+    out = new_output((N, P), lse.device, torch.float32)
+    if out.numel() == 0:
+        return out
+    if G == 0:
+        return out.fill_(float("-inf"))
+    lse = lse.contiguous()
+    g_pad = next_pow2(G)
+    _mass_kernel[(N,)](lse, out, P, G=G, G_PAD=g_pad, BLOCK=max(16, min(MASS_BLOCK // g_pad, next_pow2(P))),
+                       num_warps=4, **pdl(lse.device))
     return out

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._util import gdc_launch_dependents, gdc_wait, next_pow2, pdl
-from .scores import page_scores
+from .scores import page_lse, page_mass, page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
 FINAL = 512  # a row at most this long is finished by one program
@@ -109,9 +109,14 @@ def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None)
     return out
 
 
-def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, spread=1.0, codes=None):
+def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, spread=1.0, codes=None,
+                 mass_scale=None):
     """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)] best first, then -1;
     with append_current the current page follows as one more column; with `heads`, q is the layer's
-    [B, H, G, D] query and the rows are its heads `heads` (read in place, no gathered copy)."""
-    scores = page_scores(q, kmin, kmax, page_valid, current, heads, spread, codes)
+    [B, H, G, D] query and the rows are its heads `heads` (read in place, no gathered copy). With codes and
+    mass_scale, pages rank by the attention mass their sketched keys predict (two more passes)."""
+    if codes is not None and mass_scale is not None:
+        scores = page_mass(page_lse(q, kmin, kmax, codes, mass_scale, page_valid, current, heads))
+    else:
+        scores = page_scores(q, kmin, kmax, page_valid, current, heads, spread, codes)
     return topk_pages(scores, k, current if append_current else None)

@@ -27,6 +27,7 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
         (dict(sketch_bits=3), "sketch_bits=3 is invalid: use 0 \\(MinMax bound only\\), 1, 2 or 4"),
         (dict(sketch_bits=True), "sketch_bits=True is invalid"),
         (dict(sketch_bits=2.0), "sketch_bits=2.0 is invalid"),
+        (dict(sketch_bits=2, sketch_score="sum"), 'sketch_score=\'sum\' is invalid: use "mass"'),
         (dict(sketch_bits=2, score_spread=0.5), "score_spread=0.5 is invalid: it shapes the MinMax bound, which sketch_bits"),
     ],
 )

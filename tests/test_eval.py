@@ -249,8 +249,11 @@ def test_ablation_profiles(tiny):
     assert [m.name for m in spread] == ["flexicache_spread0.5", "quest_spread0.5", "oracle_pages", "snapkv"]
     assert spread[0].score_spread == 0.5 and spread[0].empty_cache(ctx, 64, 100).config.score_spread == 0.5
     sketch = M.get_methods(["flexicache", "oracle_pages"], sketch_bits=2)
-    assert [m.name for m in sketch] == ["flexicache_sketch2", "oracle_pages"]
-    assert sketch[0].empty_cache(ctx, 64, 100).config.sketch_bits == 2
+    assert [m.name for m in sketch] == ["flexicache_sketch2mass", "oracle_pages"]
+    cfg = sketch[0].empty_cache(ctx, 64, 100).config
+    assert cfg.sketch_bits == 2 and cfg.sketch_score == "mass"
+    best_qk = M.get_methods(["quest"], sketch_bits=1, sketch_score="max")[0]  # the name earlier results carry
+    assert best_qk.name == "quest_sketch1" and best_qk.empty_cache(ctx, 64, 100).config.sketch_score == "max"
 
 
 def test_small_budget_differs_from_dense(tiny):

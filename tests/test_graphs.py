@@ -57,16 +57,19 @@ def test_graphs_pass_through_off_cuda():
 
 
 @cuda
-@pytest.mark.parametrize("arch,heads,kv_heads,ps,K,R,bits", [("llama", 6, 2, 8, 3, 3, 0), ("qwen2", 8, 1, 16, 2, 5, 0),
-                                                             ("mistral", 12, 2, 4, 5, 1, 0), ("llama", 6, 2, 8, 3, 3, 2)])
-def test_graph_replay_equals_eager(arch, heads, kv_heads, ps, K, R, bits):
+@pytest.mark.parametrize("arch,heads,kv_heads,ps,K,R,bits,rank", [
+    ("llama", 6, 2, 8, 3, 3, 0, "mass"), ("qwen2", 8, 1, 16, 2, 5, 0, "mass"), ("mistral", 12, 2, 4, 5, 1, 0, "mass"),
+    ("llama", 6, 2, 8, 3, 3, 2, "mass"), ("llama", 6, 2, 8, 3, 3, 2, "max"),
+])
+def test_graph_replay_equals_eager(arch, heads, kv_heads, ps, K, R, bits, rank):
     """Sparse budget, left-padded batch, page fills, reranks and promotions inside replayed steps: the same
     tokens and logits as the eager path, and every K/V still recoverable bit-exactly. bits 2: the key
-    sketches are written (page fills) and read (selection) inside the replayed steps."""
+    sketches are written (page fills) and read (selection, by predicted mass or best q.k) inside the
+    replayed steps."""
     _, fc = tiny_pair(arch, heads, kv_heads, 32, layers=3)
     fc = fc.cuda()
     ids, mask = _batch("cuda")
-    knobs = dict(topk_pages=K, page_size=ps, rerank_interval=R, use_kernels=True, sketch_bits=bits)
+    knobs = dict(topk_pages=K, page_size=ps, rerank_interval=R, use_kernels=True, sketch_bits=bits, sketch_score=rank)
     eager_cache = make_cache(fc, **knobs)
     rec = Recorder(eager_cache)
     eager = _generate(fc, eager_cache, ids, mask, 70)

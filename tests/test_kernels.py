@@ -237,6 +237,56 @@ def test_kernel_page_scores_sketch(dtype, bits, ps, D, G):
     assert torch.equal(got[:, :-1], ops.topk_pages_ref(masked, 4)) and (got[:, -1] == 11).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,ps,D,G", [(2, 16, 64, 5), (1, 8, 48, 1), (4, 4, 80, 3), (2, 1, 64, 7)])
+def test_kernel_page_lse_and_mass(dtype, bits, ps, D, G):
+    """Sketched logsumexps per query head and page (plain rows; masked + mapped rows, with a batch row that
+    has no candidate), the predicted mass over the candidates, and the selection by it."""
+    B, H, P = 2, 3, 13
+    _, _, kmin, kmax, codes = make_sketch_case(dtype, bits, ps, D, B, H, P)
+    rows = lambda t: t.flatten(0, 1)  # noqa: E731
+    q = torch.randn(B, H + 1, G, D, device=DEV).to(dtype)
+    heads = torch.tensor([0, 2, 3], device=DEV)
+    q_rows = q[:, heads].flatten(0, 1)
+    ref = ops.page_lse_ref(q_rows, rows(kmin), rows(kmax), rows(codes), 0.3)
+    assert ref.shape == (B * H, G, P)
+    tol = torch.float32 if dtype == torch.float32 else dtype
+    check(scores.page_lse(q_rows, rows(kmin), rows(kmax), rows(codes), 0.3), ref, tol)
+    page_valid = torch.rand(B, P + 3, device=DEV) > 0.2
+    page_valid[1] = False  # batch row 1: no candidate at all
+    current = torch.tensor([11], device=DEV)
+    lse = scores.page_lse(q, rows(kmin), rows(kmax), rows(codes), 0.3, page_valid, current, heads)
+    cand = (page_valid[:, :P].repeat_interleave(H, 0) & (torch.arange(P, device=DEV) < 11))[:, None].expand_as(lse)
+    assert torch.equal(lse.isneginf(), ~cand)
+    check(lse.masked_fill(~cand, 0), ref.masked_fill(~cand, 0), tol)
+    mass = scores.page_mass(lse)
+    want = ops.page_mass_ref(lse)
+    assert torch.equal(mass.isneginf(), want.isneginf()) and torch.equal(want.isneginf(), ~cand[:, 0])
+    torch.testing.assert_close(mass.masked_fill(~cand[:, 0], 0), want.masked_fill(~cand[:, 0], 0), rtol=1e-5, atol=1e-6)
+    got = select.select_pages(q, rows(kmin), rows(kmax), page_valid, current, 4, True, heads, codes=rows(codes),
+                              mass_scale=0.3)
+    assert torch.equal(got[:, :-1], ops.topk_pages_ref(mass, 4)) and (got[:, -1] == 11).all()
+    assert (got[H:, :-1] == -1).all()  # the row without candidates selects nothing
+
+
+def test_page_mass_ref_properties():
+    """Each query head's shares over the candidates sum to 1 (so a row's masses sum to G); with one query
+    head, mass ranks pages as the logsumexp does; equal to a softmax over every sketched token, summed per page."""
+    ps, D, G = 4, 16, 3
+    _, _, kmin, kmax, codes = make_sketch_case(torch.float64, 2, ps, D, P=7)
+    q = torch.randn(3, G, D, dtype=torch.float64, device=DEV)
+    lse = ops.page_lse_ref(q, kmin[0], kmax[0], codes[0], 0.5)
+    lse[1, :, 2] = float("-inf")  # row 1: page 2 is no candidate
+    mass = ops.page_mass_ref(lse)
+    assert torch.allclose(mass.masked_fill(mass.isneginf(), 0).sum(-1), torch.full((3,), float(G), dtype=mass.dtype, device=DEV))
+    assert mass[1, 2] == float("-inf") and mass.isfinite().sum() == 3 * 7 - 1
+    khat = ops.sketch_keys_ref(kmin[0], kmax[0], codes[0])
+    probs = (torch.einsum("ngd,nptd->ngpt", q, khat) * 0.5).flatten(2).softmax(-1).view(3, G, 7, ps)
+    torch.testing.assert_close(mass[0], probs[0].sum((0, 2)))
+    one = ops.page_mass_ref(lse[:, :1])
+    assert torch.equal(one.argsort(-1), lse[:, 0].argsort(-1))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_page_sketch_ref_properties(bits):
     """Decoded keys lie within half a level of the true ones (exactly kmin in a flat channel); padding

@@ -27,9 +27,18 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
             if current <= K:
                 sel = torch.zeros(B, current, dtype=torch.bool) | page_ok[:, :current]
             else:
-                s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current], cfg.score_spread,
-                                        None if codes is None else codes[:, h, :current])
-                s = s.masked_fill(~page_ok[:, :current], float("-inf"))
+                if codes is not None and cfg.sketch_score == "mass":
+                    # each query head's softmax over every sketched token of the candidate pages, summed
+                    # over the page and the group
+                    khat = ops.sketch_keys_ref(kmin[:, h, :current], kmax[:, h, :current], codes[:, h, :current])
+                    logits = torch.einsum("bgd,bptd->bgpt", qg[:, h].double(), khat.double()) * scale
+                    logits = logits.masked_fill(~page_ok[:, None, :current, None], float("-inf"))
+                    probs = logits.flatten(2).softmax(-1).view_as(logits)
+                    s = probs.sum(-1).sum(1).masked_fill(~page_ok[:, :current], float("-inf"))
+                else:
+                    s = ops.page_scores_ref(qg[:, h], kmin[:, h, :current], kmax[:, h, :current], cfg.score_spread,
+                                            None if codes is None else codes[:, h, :current])
+                    s = s.masked_fill(~page_ok[:, :current], float("-inf"))
                 # ties go to the lower page (a padding token's zero query scores every page 0)
                 idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :K]
                 top = s.gather(-1, idx)
@@ -55,10 +64,12 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-@pytest.mark.parametrize("spread,bits", [(1.0, 0), (0.5, 0), (1.0, 2), (1.0, 1)])
-def test_sparse_decode_matches_oracle(device, spread, bits):
+@pytest.mark.parametrize("spread,bits,rank", [(1.0, 0, "mass"), (0.5, 0, "mass"), (1.0, 2, "max"), (1.0, 1, "max"),
+                                             (1.0, 2, "mass"), (1.0, 1, "mass")])
+def test_sparse_decode_matches_oracle(device, spread, bits, rank):
     """On CUDA the reranks' promotions run on the copy stream, overlapped: the same pages must be read.
-    spread 0.5: the cache scores pages with the configured score_spread; bits: by the key sketch."""
+    spread 0.5: the cache scores pages with the configured score_spread; bits: by the key sketch, ranked
+    by the best sketched q.k ("max") or by the attention mass the sketched keys predict ("mass")."""
     _, fc = tiny_pair("llama", 8, 2, 32, dtype=torch.float64, layers=2)
     fc = fc.to(device)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(5))
@@ -66,7 +77,7 @@ def test_sparse_decode_matches_oracle(device, spread, bits):
     ids[1, :29], mask[1, :29] = 0, 0
     ids, mask = ids.to(device), mask.to(device)
     cache = make_cache(fc, topk_pages=4, page_size=8, rerank_interval=5, use_kernels=False, score_spread=spread,
-                       sketch_bits=bits)
+                       sketch_bits=bits, sketch_score=rank)
     rec = Recorder(cache)
     seen = []
     orig = FlexiCacheLayer._decode
