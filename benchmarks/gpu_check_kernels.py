@@ -354,6 +354,15 @@ def sweep_sketch(sweep: bool = True):
                           ms(lambda: KSC.page_lse(L.q, L.kmin, L.kmax, L.codes, scale, L.page_valid, L.current, L.u_idx),
                              graph=True) * 1e3, ms(lambda: KSC.page_mass(lse), graph=True) * 1e3))
         print("  mass timing", mass_rows[-1], flush=True)
+        mass_defaults = KSC.MASS_BLOCK, KSC.MASS_WARPS
+        for blk in (1024, 4096, 8192, 16384):  # the mass pass's loop block x warps
+            for w in (4, 8, 16):
+                KSC.MASS_BLOCK, KSC.MASS_WARPS = blk, w
+                got = KSC.page_mass(lse)
+                ok = torch.equal(got.isneginf(), mass.isneginf()) and rel_err(got.masked_fill(~cand, 0), mass.masked_fill(~cand, 0)) < 1e-5
+                t = ms(lambda: KSC.page_mass(lse), graph=True) * 1e3
+                print(f"  mass pass ctx {ctx} batch {B}: block {blk} x {w} warps {t:.1f} us {'ok' if ok else 'DIFFERS'}")
+        KSC.MASS_BLOCK, KSC.MASS_WARPS = mass_defaults
         for el in (1024, 2048, 4096) if sweep else ():
             for w in (1, 2, 4):
                 KSC.SKETCH_ELEMENTS, KSC.SKETCH_WARPS = el, w

@@ -238,7 +238,12 @@ def page_lse(q, kmin, kmax, codes, scale: float, page_valid=None, current=None, 
     return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, dict(LSE=True, **flags))
 
 
-MASS_BLOCK = 1024  # logsumexps of a row loaded per loop iteration (G_PAD heads x MASS_BLOCK // G_PAD pages)
+# Logsumexps of a row loaded per loop iteration (G_PAD heads x MASS_BLOCK // G_PAD pages) and warps: a row
+# is one program, so the pass is latency-bound; fewer, larger loads win. `gpu_check_kernels.py --only-mass`
+# (H100, graph replays): 8k x 8 warps 2.5 / 2.6 / 5.1 us at 32k batch 1 / 32k batch 8 / 10k batch 40,
+# against 8.7 / 8.8 / 14.5 us for 1k x 4 warps.
+MASS_BLOCK = 8192
+MASS_WARPS = 8
 
 
 def page_mass(lse: torch.Tensor) -> torch.Tensor:
@@ -252,5 +257,5 @@ def page_mass(lse: torch.Tensor) -> torch.Tensor:
     lse = lse.contiguous()
     g_pad = next_pow2(G)
     _mass_kernel[(N,)](lse, out, P, G=G, G_PAD=g_pad, BLOCK=max(16, min(MASS_BLOCK // g_pad, next_pow2(P))),
-                       num_warps=4, **pdl(lse.device))
+                       num_warps=MASS_WARPS, **pdl(lse.device))
     return out
