@@ -1,7 +1,7 @@
 """The demo: a pass key hidden in a few thousand tokens, answered with dense attention and with FlexiCache
 at a budget far below the context. Prints both answers, GPU-resident vs host KV bytes, and time.
 
-    flexicache demo [--tokens 3000] [--topk-pages 16] [--device cpu|cuda]
+    flexicache demo [--tokens 3000] [--topk-pages 16] [--device cpu|cuda] [--sketch-bits 2]
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     # at a 16-page budget (0/3 in our runs), 8-token pages find it (3/3); see docs/accuracy.md
     ap.add_argument("--page-size", type=int, default=8)
     ap.add_argument("--rerank-interval", type=int, default=16)
+    ap.add_argument("--sketch-bits", type=int, default=0, choices=(0, 1, 2, 4),
+                    help="score pages by per-token key sketches of this many bits (0: the MinMax bound, the paper's)")
+    ap.add_argument("--sketch-score", default="mass", choices=("mass", "max"),
+                    help="with --sketch-bits: rank pages by predicted attention mass (default) or best q.k")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", default=None, help="head profile JSON (default: the shipped one for the model)")
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
 
     dense_answer, dense_s = run(DynamicCache(config=model.config))
     cache = flexicache_hf.FlexiCache(
-        model.config, profile=args.profile, topk_pages=args.topk_pages, page_size=args.page_size, rerank_interval=args.rerank_interval
+        model.config, profile=args.profile, topk_pages=args.topk_pages, page_size=args.page_size,
+        rerank_interval=args.rerank_interval, sketch_bits=args.sketch_bits, sketch_score=args.sketch_score,
     )
     fc_answer, fc_s = run(cache)
     r = cache.memory_report()
@@ -94,7 +99,8 @@ def main(argv=None) -> int:
     print(f"KV bytes       dense would hold: {_mib(r['dense_kv_bytes'])}")
     print(f"  GPU-resident (device {args.device}): {_mib(r['gpu_kv_bytes'])}  (unstable heads {_mib(r['unstable_gpu_kv_bytes'])}, stable-head slots {_mib(r['stable_gpu_kv_bytes'])})")
     print(f"  host pool:                 {_mib(r['host_kv_bytes'])}")
-    print(f"  MinMax metadata:           {_mib(r['metadata_bytes'])}")
+    what = "MinMax" if not args.sketch_bits else f"MinMax + {args.sketch_bits}-bit key sketch"
+    print(f"  page metadata ({what}): {_mib(r['metadata_bytes'])}")
     return 0 if key in fc_answer else 1
 
 
