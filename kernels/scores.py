@@ -3,10 +3,11 @@ over the page's sketched keys; max over the GQA group, fp32. Or, for ranking by 
 each query head's logsumexp over each page's sketched keys, then each page's share of each head's softmax
 summed over the group.
 
-Semantics: ``flexicache_hf.ops.page_scores_ref``, ``page_lse_ref``, ``page_mass_ref``. One program scores BLOCK_P pages of one row for the
-whole group, so kmin/kmax (and the codes: the only large inputs) are read from memory once. The bound is computed elementwise,
-max(q*kmax, q*kmin), not as q+.kmax + q-.kmin: the two agree only when kmin <= kmax, and the kernel
-must match the reference on any input. It is memory-bound either way.
+Semantics: ``flexicache_hf.ops.page_scores_ref``, ``page_lse_ref``, ``page_mass_ref``. One program scores
+BLOCK_P pages of one row for the whole group, so kmin/kmax (and the codes: the only large inputs) are read
+from memory once. The bound is computed elementwise, max(q*kmax, q*kmin), not as q+.kmax + q-.kmin: the
+two agree only when kmin <= kmax, and the kernel must match the reference on any input. It is
+memory-bound either way.
 """
 
 from __future__ import annotations
