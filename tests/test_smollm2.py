@@ -43,15 +43,16 @@ def test_smollm2_full_budget_equals_dense(smollm2):
     assert cache.memory_report()["host_kv_bytes"] > 0
 
 
-def test_smollm2_passkey_at_16_pages(smollm2):
+@pytest.mark.parametrize("ps,bits", [(8, 0), (16, 2)])
+def test_smollm2_passkey_at_16_pages(smollm2, ps, bits):
+    """16 pages: of 8 tokens with the MinMax bound, or of 16 tokens with 2-bit key sketches ranked by mass."""
     model, tok = smollm2
     prompt, key = passkey_prompt(tok, 3000, depth=0.35, seed=0)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     n = ids.input_ids.shape[1]
     assert 2700 < n < 3300
-    # shipped profile; 8-token pages: with 16-token pages the MinMax bound misses the key on this model
-    ps = 8
-    cache = FlexiCache(model.config, topk_pages=16, page_size=ps, rerank_interval=16)
+    # shipped profile; with 16-token pages the MinMax bound alone misses the key on this model (0/3)
+    cache = FlexiCache(model.config, topk_pages=16, page_size=ps, rerank_interval=16, sketch_bits=bits)
     assert cache.profile.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     out = _generate(model, ids, cache, 12)
     answer = tok.decode(out.sequences[0, n:], skip_special_tokens=True)
