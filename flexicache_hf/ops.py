@@ -83,6 +83,11 @@ def sketch_keys_ref(kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor)
     return lo + (lvl.to(acc) + 0.5) * (width / n)
 
 
+def _sketched_logits(q, kmin, kmax, codes) -> torch.Tensor:
+    """q.khat of every query head and sketched token: q [N, G, D] -> [N, G, P, ps] (accumulation dtype)."""
+    return torch.einsum("ngd,nptd->ngpt", q.to(_acc(q)), sketch_keys_ref(kmin, kmax, codes))
+
+
 def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spread: float = 1.0,
                     codes: torch.Tensor | None = None) -> torch.Tensor:
     """A page's score for a query: Quest's MinMax upper bound of q.k over the page, or with `codes` the
@@ -101,8 +106,7 @@ def page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spr
     acc = _acc(q)
     qf = q.to(acc).unsqueeze(2)  # [N, G, 1, D]
     if codes is not None:
-        khat = sketch_keys_ref(kmin, kmax, codes)  # [N, P, ps, D]
-        return torch.einsum("ngd,nptd->ngpt", q.to(acc), khat).amax(dim=(1, 3))
+        return _sketched_logits(q, kmin, kmax, codes).amax(dim=(1, 3))
     kmin, kmax = kmin.to(acc).unsqueeze(1), kmax.to(acc).unsqueeze(1)
     if spread == 1.0:
         per_q = torch.maximum(qf * kmax, qf * kmin).sum(-1)  # [N,G,P]
@@ -116,8 +120,7 @@ def page_lse_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes:
     q [N, G, D]; kmin, kmax [N, P, D]; codes [N, P, ps, Db] -> [N, G, P] in the accumulation dtype. The
     attention logits the sketches predict, pooled per page; a partly padded page counts its first valid
     token once more per padding token (page_sketch_ref), a slight overestimate of that one page."""
-    khat = sketch_keys_ref(kmin, kmax, codes)  # [N, P, ps, D]
-    return (torch.einsum("ngd,nptd->ngpt", q.to(_acc(q)), khat) * scale).logsumexp(-1)
+    return (_sketched_logits(q, kmin, kmax, codes) * scale).logsumexp(-1)
 
 
 def page_mass_ref(lse: torch.Tensor) -> torch.Tensor:
