@@ -130,6 +130,12 @@ def _sketch_scores_kernel(
 
 
 @triton.jit
+def _lse_tile(base, offs_g, offs, G, P):
+    """[G_PAD, BLOCK] logsumexps of a row's pages `offs`; padding heads and pages read as -inf."""
+    return tl.load(base + offs[None, :], mask=(offs_g < G)[:, None] & (offs < P)[None, :], other=float("-inf"))
+
+
+@triton.jit
 def _mass_kernel(LSE, OUT, P, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Row n of ops.page_mass_ref: two passes over the row's [G, P] logsumexps, an online softmax
     normaliser per query head, then each page's share summed over the group (-inf: no candidate)."""
@@ -143,7 +149,7 @@ def _mass_kernel(LSE, OUT, P, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.co
     total = tl.zeros([G_PAD], tl.float32)
     for p0 in range(0, P, BLOCK):
         offs = p0 + tl.arange(0, BLOCK)
-        x = tl.load(base + offs[None, :], mask=(offs_g < G)[:, None] & (offs < P)[None, :], other=float("-inf"))
+        x = _lse_tile(base, offs_g, offs, G, P)
         new_top = tl.maximum(top, tl.max(x, 1))
         safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # a head without candidates so far
         total = total * tl.exp(top - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
@@ -152,7 +158,7 @@ def _mass_kernel(LSE, OUT, P, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.co
     inv = tl.where(total > 0, 1.0 / total, 0.0)
     for p0 in range(0, P, BLOCK):
         offs = p0 + tl.arange(0, BLOCK)
-        x = tl.load(base + offs[None, :], mask=(offs_g < G)[:, None] & (offs < P)[None, :], other=float("-inf"))
+        x = _lse_tile(base, offs_g, offs, G, P)
         share = tl.where(x == float("-inf"), 0.0, tl.exp(x - safe[:, None]) * inv[:, None])
         mass = tl.where(tl.max(x, 0) == float("-inf"), float("-inf"), tl.sum(share, 0))
         tl.store(OUT + n.to(tl.int64) * P + offs, mass, mask=offs < P)
