@@ -3,7 +3,7 @@
     write_report(out_dir) -> report.md, score_vs_budget.png, fidelity.png (when there are fidelity records)
 
 Scores are percentages (metric x 100), averaged over samples, then over tasks (every task weighs the
-same). "retention" is a method's mean score divided by dense's on the same samples.
+same). "retention" is a method's mean score divided by dense's on the same (task, sample) pairs.
 """
 
 from __future__ import annotations
@@ -39,6 +39,28 @@ def load(out_dir) -> dict:
         return json.load(f)
 
 
+def _matched(cell, tasks, method, budget):
+    """(method's mean score, dense's mean score on the same (task, sample) pairs, samples per task): means over
+    samples, then over the tasks the method ran. Retention must compare like with like: results.json may hold
+    more samples of dense than of a method (a later run with --samples 10 of some methods only)."""
+    got, ref, counts = [], [], set()
+    for t in tasks:
+        ours, dense = cell.get((t, method, budget), {}), cell.get((t, "dense", "full"), {})
+        common = [s for s in ours if s in dense]
+        if common:
+            got.append(_mean(ours[s] for s in common))
+            ref.append(_mean(dense[s] for s in common))
+            counts.add(len(common))
+    return _mean(got), _mean(ref), len(got), counts
+
+
+def _cell_text(v, ref, counts, n_samples) -> str:
+    text = f"{_fmt(v)} ({_fmt(v / ref if ref else float('nan'), 2)})"
+    if counts and max(counts) < n_samples:  # fewer samples than the table's: say so
+        text += f" [{max(counts)} of {n_samples} samples]"
+    return text
+
+
 def task_tables(records: list[dict]) -> tuple[str, dict]:
     """Markdown for every (model, length); returns (text, summary[(model, length)][method][budget] = mean %)."""
     groups = defaultdict(list)
@@ -46,20 +68,20 @@ def task_tables(records: list[dict]) -> tuple[str, dict]:
         groups[(r["model"], r["length"])].append(r)
     lines, summary = [], {}
     for (model, length), recs in sorted(groups.items()):
-        # per (task, method, budget): mean over samples
-        cell = defaultdict(list)
+        cell = defaultdict(dict)  # (task, method, budget) -> {sample: score %}
         for r in recs:
-            cell[(r["task"], r["method"], _bkey(r["budget"]))].append(100.0 * r["score"])
+            cell[(r["task"], r["method"], _bkey(r["budget"]))][r["sample"]] = 100.0 * r["score"]
         tasks = sorted({r["task"] for r in recs})
         methods = sorted({r["method"] for r in recs}, key=lambda m: ORDER.get(m, 99))
         budgets = _budget_sort({_bkey(r["budget"]) for r in recs if r["method"] != "dense"})
         samples = sorted({r["sample"] for r in recs})
         prompt = _mean(r["prompt_tokens"] for r in recs)
-        dense_task = {t: _mean(cell.get((t, "dense", "full"), [])) for t in tasks}
+        dense_task = {t: _mean(cell.get((t, "dense", "full"), {}).values()) for t in tasks}
         dense_mean = _mean(v for v in dense_task.values() if v == v)
         summ = {}
         lines.append(f"### {model}, {length}-token prompts (mean {prompt:.0f} tokens), {len(tasks)} tasks x {len(samples)} samples\n")
-        lines.append("Mean score (%) over tasks; in brackets the retention vs dense (method / dense).\n")
+        lines.append("Mean score (%) over tasks; in brackets the retention vs dense (method / dense on the same "
+                     "samples); [n of N samples] where a method ran on fewer samples than the table.\n")
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
         for m in methods:
@@ -69,14 +91,12 @@ def task_tables(records: list[dict]) -> tuple[str, dict]:
                 continue
             row, summ[m] = [], {}
             for b in budgets:
-                per_task = [_mean(cell[(t, m, b)]) for t in tasks if cell.get((t, m, b))]
-                if not per_task:
+                v, ref, n_tasks, counts = _matched(cell, tasks, m, b)
+                if not n_tasks:
                     row.append("–")
                     continue
-                v = _mean(per_task)
                 summ[m][b] = v
-                ret = v / dense_mean if dense_mean and dense_mean == dense_mean else float("nan")
-                row.append(f"{_fmt(v)} ({_fmt(ret, 2)})")
+                row.append(_cell_text(v, ref, counts, len(samples)))
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
         solved = [t for t in tasks if dense_task[t] == dense_task[t] and dense_task[t] >= 50.0]
@@ -91,19 +111,18 @@ def task_tables(records: list[dict]) -> tuple[str, dict]:
                     continue
                 row = []
                 for b in budgets:
-                    per_task = [_mean(cell[(t, m, b)]) for t in solved if cell.get((t, m, b))]
-                    v = _mean(per_task) if len(per_task) == len(solved) else float("nan")
-                    row.append("–" if v != v else f"{_fmt(v)} ({_fmt(v / d_solved if d_solved else float('nan'), 2)})")
+                    v, ref, n_tasks, counts = _matched(cell, solved, m, b)
+                    row.append(_cell_text(v, ref, counts, len(samples)) if n_tasks == len(solved) else "–")
                 lines.append(f"| {m} | " + " | ".join(row) + " |")
             lines.append("")
         summary[(model, length)] = summ
         for b in budgets:
-            present = [m for m in methods if m == "dense" or cell.get((tasks[0], m, b)) or any(cell.get((t, m, b)) for t in tasks)]
+            present = [m for m in methods if m == "dense" or any(cell.get((t, m, b)) for t in tasks)]
             lines.append(f"<details><summary>per task, budget {b} (score %, mean over samples)</summary>\n")
             lines.append("| task | " + " | ".join(present) + " |")
             lines.append("|---|" + "---|" * len(present))
             for t in tasks:
-                vals = [_fmt(_mean(cell.get((t, m, "full" if m == "dense" else b), []))) for m in present]
+                vals = [_fmt(_mean(cell.get((t, m, "full" if m == "dense" else b), {}).values())) for m in present]
                 lines.append(f"| {t} | " + " | ".join(vals) + " |")
             lines.append("\n</details>\n")
     return "\n".join(lines), summary

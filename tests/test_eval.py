@@ -403,3 +403,20 @@ def test_cwe_scales_past_its_word_list(smollm2):
     common = set(row["answers"])
     assert len(common) == 10 and common <= set(counts)
     assert min(counts[w] for w in common) > max(c for w, c in counts.items() if w not in common)
+
+
+def test_report_retention_uses_the_same_samples_as_dense():
+    """A method that ran on fewer samples than dense is compared with dense on its own samples."""
+    from flexicache_hf.eval import report
+
+    def rec(task, sample, method, budget, score):
+        return dict(model="m", length=100, task=task, sample=sample, method=method, budget=budget,
+                    score=score, prompt_tokens=90)
+
+    records = [rec(t, s, "dense", None, d) for t in ("a", "b") for s, d in ((0, 1.0), (1, 0.0))]
+    records += [rec(t, 0, "flexicache", 64, 0.5) for t in ("a", "b")]  # sample 0 only: dense scored 1.0 there
+    records += [rec(t, s, "snapkv", 64, 0.0) for t in ("a", "b") for s in (0, 1)]
+    text, summary = report.task_tables(records)
+    assert "| flexicache | 50.0 (0.50) [1 of 2 samples] |" in text  # not 50 / 50 = 1.00 against every sample
+    assert "| snapkv | 0.0 (0.00) |" in text
+    assert summary[("m", 100)]["flexicache"]["64"] == 50.0
