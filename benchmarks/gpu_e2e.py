@@ -1,7 +1,7 @@
 """End-to-end checks and benchmark of FlexiCache inside generate() on one GPU, in one run.
 
     python benchmarks/gpu_e2e.py [--skip-real] [--shapes 32768x1 32768x4 10240x16] [--new 64] [--layers 32]
-                                 [--sketch-bits 2 [--sketch-scores mass max]]
+                                 [--sketch-bits 1 2 [--sketch-scores mass max]]
                                  [--throughput --budget-gib 40 --prompt 30000 --outputs 1000]
 
 1. Correctness on SmolLM2-135M-Instruct (fp32, Triton kernels): full budget -> the same greedy tokens
@@ -237,7 +237,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--throughput", action="store_true")
-    ap.add_argument("--sketch-bits", type=int, default=0,
+    ap.add_argument("--sketch-bits", nargs="*", type=int, default=[],
                     help="per shape, also FlexiCache (graphs) scoring pages by a key sketch of this many bits")
     ap.add_argument("--sketch-scores", nargs="*", default=["mass"], choices=("mass", "max"),
                     help="with --sketch-bits: one FlexiCache run per way of ranking by the sketch (sketch_score)")
@@ -291,12 +291,12 @@ def main(argv=None):
         offl = bench(model, lambda: DynamicCache(config=model.config, offloading=True), ctx, batch, args.new)
         rows.append((ctx, batch, dense, eager, graphs, offl))
         print(ctx, batch, dense, eager, graphs, offl, flush=True)
-        for score in args.sketch_scores if args.sketch_bits else []:
+        for bits, score in ((b, s) for b in args.sketch_bits for s in args.sketch_scores):
             sk = bench(model, lambda: FlexiCache(model.config, topk_pages=64, page_size=16, rerank_interval=16,
-                                                 sketch_bits=args.sketch_bits, sketch_score=score),
+                                                 sketch_bits=bits, sketch_score=score),
                        ctx, batch, args.new, graphs=True)
-            sketched.append((ctx, batch, dense, graphs, sk, score))
-            print("sketch", score, sk, flush=True)
+            sketched.append((ctx, batch, dense, graphs, sk, f"{bits}-bit {score}"))
+            print("sketch", bits, score, sk, flush=True)
     tput = throughput(model, args.budget_gib, args.prompt, args.outputs) if args.throughput else []
     chunked = []
     for batch in args.chunked:  # generate(prefill_chunk_size=4096, max_new_tokens=1): prefill time
@@ -320,7 +320,7 @@ def main(argv=None):
             f"{d['peak_gib']:.1f} | {g['peak_gib']:.1f} |"
         )
     if sketched:
-        print(f"\n| ctx | batch | dense decode ms/tok | FlexiCache graphs ms/tok: MinMax bound | {args.sketch_bits}-bit key sketch | "
+        print("\n| ctx | batch | dense decode ms/tok | FlexiCache graphs ms/tok: MinMax bound | key sketch | "
               "sketch vs bound | sketch vs dense | metadata GiB: bound | sketch | peak GiB: bound | sketch |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|")
         for ctx, batch, d, g, k, score in sketched:
