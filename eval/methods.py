@@ -15,6 +15,7 @@ budget in tokens per KV head visible to decode attention:
 | streamingllm | 4 sink tokens + the newest tokens | budget tokens |
 | snapkv | SnapKV prefill eviction (window 32, pooling 5), the window slides during decode | budget tokens |
 | oracle_pages | every head, every step: the top-K pages by true attention mass (+ the current page), computed from all keys: the ceiling of any page selector, not a method | as flexicache |
+| oracle_pages_pooled | the same, but the layer's KV heads share their budget: the K x heads pages of highest mass in the layer, however many per head (a diagnostic of per-head budgets) | as flexicache, per head on average |
 
 FlexiCache attends, besides its top-K pages, to the page holding the newest token (up to page_size - 1
 older tokens) and stable heads to the pages created since their last rerank (<= rerank_interval
@@ -202,14 +203,15 @@ class OraclePages(Method):
 
     name: str = "oracle_pages"
     sketch_bits: int = 0
+    pool_heads: bool = False  # "oracle_pages_pooled": the layer's heads share one budget (peers.oracle_page_attention)
 
     def empty_cache(self, ctx, budget, prompt_len):
         return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prompt_len), ctx.page_size,
-                                  sketch_bits=self.sketch_bits)
+                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads)
 
     def make_cache(self, ctx, budget, prefill):
         return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prefill.length), ctx.page_size, prefill.kv,
-                                  sketch_bits=self.sketch_bits)
+                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads)
 
 
 def registry() -> dict[str, Method]:
@@ -227,6 +229,7 @@ def registry() -> dict[str, Method]:
             SnapKV(),
             OraclePages(),
             OraclePages(name="sketch_mass_pages", sketch_bits=2),
+            OraclePages(name="oracle_pages_pooled", pool_heads=True),
         )
     }
 

@@ -240,7 +240,7 @@ class capture_query_windows:
 # the page-selection oracle
 # ---------------------------------------------------------------------------------------------------
 def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, page_size: int, mask=None,
-                          sketch_bits: int = 0):
+                          sketch_bits: int = 0, pool_heads: bool = False):
     """Decode attention over each KV head's `topk_pages` pages of highest *true* attention mass, plus the
     page holding the newest token (FlexiCache's budget rule). The mass of a page is the softmax weight of
     its keys over the whole context, summed over the query heads of the GQA group. No cheaper selector
@@ -249,6 +249,10 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
     With sketch_bits > 0 the mass is the one the cache's key sketches predict (ops.page_sketch_ref: the
     full pages' keys quantised inside their min/max boxes; the newest page exact): what ranking pages by
     sketched mass, instead of FlexiCache's best sketched q.k, would select (every head, every step).
+
+    With pool_heads the layer's KV heads share one budget: the `topk_pages * Hkv` pages of highest mass
+    among all of them (each head's masses sum to G, so they compare), however they fall per head. It asks
+    whether a per-head budget, not the total, is what caps the per-head oracle (a diagnostic, not a method).
 
     query [B, Hq, 1, D], keys/values [B, Hkv, T, D]; mask: None, or HF's sdpa mask [B, 1, 1, T] (bool:
     True attends; float: additive). Returns [B, 1, Hq, D] like sdpa_attention_forward. fp32 inside.
@@ -278,7 +282,11 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
     chosen = torch.zeros(B, Hkv, P, dtype=torch.bool, device=keys.device)
     chosen[..., current] = True
     k = min(topk_pages, current)
-    if k:
+    if k and pool_heads:
+        flat = mass[..., :current].reshape(B, Hkv * current)
+        picked = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k * Hkv, dim=-1).indices, True)
+        chosen[..., :current] = picked.view(B, Hkv, current)
+    elif k:
         chosen.scatter_(-1, mass[..., :current].topk(k, dim=-1).indices, True)
     visible = chosen.repeat_interleave(page_size, dim=-1)[..., :T]  # [B, Hkv, T]
     probs = logits.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(-1)
@@ -290,9 +298,9 @@ class OracleLayer(DynamicLayer):
     """Keeps every K/V (like DynamicCache); a one-token step attends through `oracle_page_attention`,
     a multi-token forward densely (sdpa), as FlexiCache does. Needs attn_implementation="flexicache"."""
 
-    def __init__(self, topk_pages: int, page_size: int, sketch_bits: int = 0):
+    def __init__(self, topk_pages: int, page_size: int, sketch_bits: int = 0, pool_heads: bool = False):
         super().__init__()
-        self.topk_pages, self.page_size, self.sketch_bits = topk_pages, page_size, sketch_bits
+        self.topk_pages, self.page_size, self.sketch_bits, self.pool_heads = topk_pages, page_size, sketch_bits, pool_heads
 
     def update(self, key_states, value_states, *args, **kwargs):
         self._kv = super().update(key_states, value_states, *args, **kwargs)
@@ -305,12 +313,13 @@ class OracleLayer(DynamicLayer):
         if query.shape[2] > 1:
             return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scale, **kwargs)
         return oracle_page_attention(query, keys, values, scale, self.topk_pages, self.page_size, attention_mask,
-                                     self.sketch_bits), None
+                                     self.sketch_bits, self.pool_heads), None
 
 
-def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None, sketch_bits: int = 0) -> Cache:
+def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None, sketch_bits: int = 0,
+                 pool_heads: bool = False) -> Cache:
     """A cache of `OracleLayer`s, seeded with an uncompressed prompt if given."""
-    cache = Cache(layers=[OracleLayer(topk_pages, page_size, sketch_bits) for _ in range(_num_layers(config))])
+    cache = Cache(layers=[OracleLayer(topk_pages, page_size, sketch_bits, pool_heads) for _ in range(_num_layers(config))])
     if prefill_kv is not None:
         for layer, (k, v) in zip(cache.layers, prefill_kv):
             DynamicLayer.update(layer, k, v)  # concatenation onto an empty tensor: a copy
