@@ -28,6 +28,7 @@ import torch
 
 import flexicache_hf
 from flexicache_hf import FlexiCache
+from flexicache_hf.config import SKETCH_SCORES
 from flexicache_hf.testing import UpdateRecorder
 
 
@@ -239,7 +240,7 @@ def main(argv=None):
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--sketch-bits", nargs="*", type=int, default=[],
                     help="per shape, also FlexiCache (graphs) scoring pages by a key sketch of this many bits")
-    ap.add_argument("--sketch-scores", nargs="*", default=["mass"], choices=("mass", "max"),
+    ap.add_argument("--sketch-scores", nargs="*", default=["mass"], choices=SKETCH_SCORES,
                     help="with --sketch-bits: one FlexiCache run per way of ranking by the sketch (sketch_score)")
     ap.add_argument("--sweep", nargs="*", type=int, default=[], help="contexts for a batch-1 sweep (dense vs graphs)")
     ap.add_argument("--json", help="write the sweep here (benchmarks/plot_e2e.py draws it)")

@@ -6,6 +6,11 @@ import dataclasses
 import math
 
 
+# The accepted sketch widths and rankings: the config checks them, the command lines offer them.
+SKETCH_BITS = (0, 1, 2, 4)
+SKETCH_SCORES = ("mass", "max")
+
+
 @dataclasses.dataclass(frozen=True)
 class FlexiCacheConfig:
     """Knobs of FlexiCache. Defaults are the paper's (REFERENCE.md section 2).
@@ -79,12 +84,12 @@ class FlexiCacheConfig:
             bad("auto_unstable", self.auto_unstable, "give a fraction in (0, 1], e.g. 0.25, or a head count")
         if isinstance(self.score_spread, bool) or not isinstance(self.score_spread, (int, float)) or not 0 <= self.score_spread <= 1:
             bad("score_spread", self.score_spread, "give a number in [0, 1]: 1.0 is the MinMax bound (the default)")
-        if not isinstance(self.sketch_bits, int) or isinstance(self.sketch_bits, bool) or self.sketch_bits not in (0, 1, 2, 4):
+        if not isinstance(self.sketch_bits, int) or isinstance(self.sketch_bits, bool) or self.sketch_bits not in SKETCH_BITS:
             bad("sketch_bits", self.sketch_bits, "use 0 (MinMax bound only), 1, 2 or 4 bits per key channel")
         if self.sketch_bits and self.score_spread != 1.0:
             bad("score_spread", self.score_spread, "it shapes the MinMax bound, which sketch_bits replaces; "
                 "leave score_spread at 1.0 when sketch_bits > 0")
-        if self.sketch_score not in ("mass", "max"):
+        if self.sketch_score not in SKETCH_SCORES:
             bad("sketch_score", self.sketch_score, 'use "mass" (rank pages by predicted attention mass) or "max" '
                 "(by the best sketched q.k)")
         if self.use_kernels not in ("auto", True, False):

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from flexicache_hf.config import SKETCH_BITS, SKETCH_SCORES
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -44,9 +46,9 @@ def main(argv=None) -> int:
     # at a 16-page budget (0/3 in our runs), 8-token pages find it (3/3); see docs/accuracy.md
     ap.add_argument("--page-size", type=int, default=8)
     ap.add_argument("--rerank-interval", type=int, default=16)
-    ap.add_argument("--sketch-bits", type=int, default=0, choices=(0, 1, 2, 4),
+    ap.add_argument("--sketch-bits", type=int, default=0, choices=SKETCH_BITS,
                     help="score pages by per-token key sketches of this many bits (0: the MinMax bound, the paper's)")
-    ap.add_argument("--sketch-score", default="mass", choices=("mass", "max"),
+    ap.add_argument("--sketch-score", default="mass", choices=SKETCH_SCORES,
                     help="with --sketch-bits: rank pages by predicted attention mass (default) or best q.k")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

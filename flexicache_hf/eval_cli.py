@@ -19,6 +19,8 @@ import shlex
 import sys
 import time
 
+from flexicache_hf.config import SKETCH_BITS, SKETCH_SCORES
+
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -48,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--score-spread", type=float, default=1.0,
                    help="FlexiCache page scores q.c + x |q|.r (1.0, the default: the MinMax bound); methods get a _spread<x> suffix")
-    p.add_argument("--sketch-bits", type=int, default=0, choices=(0, 1, 2, 4),
+    p.add_argument("--sketch-bits", type=int, default=0, choices=SKETCH_BITS,
                    help="FlexiCache pages scored by a per-token key sketch of this many bits per channel "
                         "(0, the default: the MinMax bound); methods get a _sketch<b>mass suffix (_sketch<b> with --sketch-score max)")
-    p.add_argument("--sketch-score", default="mass", choices=("mass", "max"),
+    p.add_argument("--sketch-score", default="mass", choices=SKETCH_SCORES,
                    help="with --sketch-bits: rank pages by the attention mass the sketches predict (default) or by the best sketched q.k")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated tasks and texts")
     p.add_argument("--no-resume", action="store_true", help="start a fresh results.json")
