@@ -8,10 +8,38 @@ recall, source, tool version) is kept as metadata and written back unchanged.
 from __future__ import annotations
 
 import json
+import math
+import operator
 import os
+import reprlib
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+REQUIRED = ("num_layers", "num_kv_heads", "unstable")
+SHAPE = "{num_layers, num_kv_heads, unstable: [[layer, kv_head], ...]}"  # what load() expects
+
+
+def _int(value, what: str) -> int:
+    """A real int (numpy ints too, via __index__); 2.0, "2" and True are typos, not counts."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be a whole number, got {value!r}: write an int, not a float, string or bool") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows: write a finite number or null")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError(f"{text} is not a finite number: write a finite number or null")
+    return value
 
 
 @dataclass
@@ -23,15 +51,19 @@ class HeadProfile:
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            value = _int(getattr(self, name), f"HeadProfile.{name}")
+            if value < 1:
                 raise ValueError(f"HeadProfile.{name} must be a positive int, got {value!r}")
+            setattr(self, name, value)
+        if not isinstance(self.unstable, (list, tuple)):
+            raise ValueError(f"HeadProfile.unstable must be a list of [layer, kv_head] pairs, got {reprlib.repr(self.unstable)}: "
+                             "write [] if every head is stable")
         pairs = []
         for item in self.unstable:
-            try:
-                layer, head = (int(x) for x in item)
-            except (TypeError, ValueError):
-                raise ValueError(f"HeadProfile.unstable entries must be (layer, kv_head) pairs, got {item!r}") from None
+            # only lists and tuples: a string "01" or a dict would unpack into a pair
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ValueError(f"HeadProfile.unstable entries must be [layer, kv_head] pairs, got {reprlib.repr(item)}")
+            layer, head = (_int(x, f"HeadProfile.unstable entry {item!r}: each index") for x in item)
             if not (0 <= layer < self.num_layers and 0 <= head < self.num_kv_heads):
                 raise ValueError(
                     f"HeadProfile.unstable entry {(layer, head)} is out of range for a model of "
@@ -41,6 +73,15 @@ class HeadProfile:
         if len(set(pairs)) != len(pairs):
             raise ValueError("HeadProfile.unstable lists a (layer, kv_head) pair more than once")
         self.unstable = sorted(pairs)
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"HeadProfile.metadata must be a dict, got {type(self.metadata).__name__}")
+        odd = [k for k in self.metadata if not isinstance(k, str)]
+        if odd:  # JSON would turn them into strings: the profile would not load back the same
+            raise ValueError(f"HeadProfile.metadata keys must be str, got {odd}")
+        clash = [k for k in REQUIRED if k in self.metadata]
+        if clash:
+            raise ValueError(f"HeadProfile.metadata must not hold {clash}: they are the profile's own fields; "
+                             "pass them as arguments, or rename the metadata keys")
 
     # ---- queries used by the cache -------------------------------------------------------------
     def unstable_heads(self, layer: int) -> list[int]:
@@ -72,33 +113,60 @@ class HeadProfile:
     # ---- JSON ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> "HeadProfile":
-        missing = [k for k in ("num_layers", "num_kv_heads", "unstable") if k not in data]
+        if not isinstance(data, dict):
+            raise ValueError(f"a head profile must be a JSON object, got {type(data).__name__}")
+        missing = [k for k in REQUIRED if k not in data]
         if missing:
             raise ValueError(f"Head profile JSON lacks required keys {missing}")
-        meta = {k: v for k, v in data.items() if k not in ("num_layers", "num_kv_heads", "unstable")}
-        return cls(int(data["num_layers"]), int(data["num_kv_heads"]), [tuple(p) for p in data["unstable"]], meta)
+        meta = {k: v for k, v in data.items() if k not in REQUIRED}
+        return cls(data["num_layers"], data["num_kv_heads"], data["unstable"], meta)  # __post_init__ checks types
 
     def to_dict(self) -> dict:
-        return {
-            "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
-            "unstable": [list(p) for p in self.unstable],
-            **self.metadata,
-        }
+        # metadata can be edited after __post_init__: the required keys always win (and come first)
+        meta = {k: v for k, v in self.metadata.items() if k not in REQUIRED}
+        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "unstable": [list(p) for p in self.unstable], **meta}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HeadProfile":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not a JSON head profile: {e}") from None
-        return cls.from_dict(data)
+        """Read a JSON profile; anything else (pickle, binary, NaN, ...) is a ValueError naming the file."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a JSON head profile {SHAPE}: give the .json file in it")
+        with open(path, "rb") as f:  # FileNotFoundError names the path
+            raw = f.read()
+        try:
+            # never unpickle: a profile is data, and a pickle runs code when loaded
+            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+            return cls.from_dict(data)
+        except UnicodeDecodeError:
+            why = "it is not UTF-8 text (a binary or pickle file? profiles are JSON only)"
+        except RecursionError:
+            why = "it is nested too deeply"
+        except ValueError as e:  # JSONDecodeError and the checks of from_dict / __post_init__
+            why = str(e)
+        raise ValueError(f"{path} is not a JSON head profile ({why}); expected an object {SHAPE}")
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        """Write the JSON atomically: on any failure an existing file at `path` is left as it was."""
+        path = os.fspath(path)
+        bad = [k for k, v in self.metadata.items() if not _json_ok(v)]
+        if bad:
+            raise ValueError(f"Cannot save the head profile to {path}: metadata {bad} is not JSON (use str, int, "
+                             "finite float, bool, None, and lists / dicts of them): convert or drop those keys")
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        folder, name = os.path.split(os.path.realpath(path))  # through a symlink, not over it
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: os.replace is atomic
+        try:
+            with open(tmp, "x", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(folder, name))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     # ---- simple constructors -------------------------------------------------------------------
     @classmethod
@@ -109,6 +177,14 @@ class HeadProfile:
     def all_unstable(cls, num_layers: int, num_kv_heads: int) -> "HeadProfile":
         pairs = [(l, h) for l in range(num_layers) for h in range(num_kv_heads)]
         return cls(num_layers, num_kv_heads, pairs, {"source": "all heads unstable (Quest-style)"})
+
+
+def _json_ok(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError, RecursionError):
+        return False
 
 
 def _norm_id(model_id: str) -> str:
