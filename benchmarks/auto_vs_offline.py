@@ -10,7 +10,7 @@ import flexicache_hf
 from flexicache_hf import FlexiCache
 from flexicache_hf.models import load_smollm2
 from flexicache_hf.profiles_registry import find_profile
-from flexicache_hf.profiling import cpython_text_windows
+from flexicache_hf.profile_text import cpython_text_windows
 ap = argparse.ArgumentParser()
 ap.add_argument("--samples", type=int, default=2)
 ap.add_argument("--sketch-bits", type=int, default=0)

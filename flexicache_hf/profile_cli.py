@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from flexicache_hf import models, profiling
+    from flexicache_hf import models, profile_plots, profiling
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = models.load_model(args.model, dtype=dtype)
     model.to(device)
     load_s = time.perf_counter() - t0
-    model_id = args.model_id or models.MODEL_ALIASES.get(args.model.lower()) or profiling._model_id(model)
+    model_id = args.model_id or models.MODEL_ALIASES.get(args.model.lower()) or profiling.model_name(model)
     records: list = []
     profile = profiling.profile_model(
         model, tokenizer, samples=args.samples, prompt_tokens=args.prompt_tokens,
@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         name = args.plot_name or ALIASES_SHORT.get(args.model.lower()) or model_id.split("/")[-1].lower()
         heat = os.path.join(args.plots, f"profiling_{name}_heatmap.png")
         curves = os.path.join(args.plots, f"profiling_{name}_rco.png")
-        profiling.plot_stability_heatmap(profile, heat)
-        profiling.plot_rco_curves(records[0], profiling.pick_curve_heads(profile), curves, method=args.method, profile=profile,
-                                  title=f"{model_id.split('/')[-1]}: RCO vs step offset (top-{args.topk_pages} pages, {args.method})")
+        profile_plots.plot_stability_heatmap(profile, heat)
+        profile_plots.plot_rco_curves(records[0], profile_plots.pick_curve_heads(profile), curves, method=args.method,
+                                      profile=profile, title=f"{model_id.split('/')[-1]}: RCO vs step offset (top-{args.topk_pages} pages, {args.method})")
         print(f"pictures: {heat}, {curves}")
     m = profile.metadata
     print(json.dumps({
