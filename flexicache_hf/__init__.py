@@ -3,7 +3,7 @@
     import flexicache_hf   # registers attn_implementation="flexicache"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flexicache")
     cache = flexicache_hf.FlexiCache(model.config, profile=..., topk_pages=64)
-    model.generate(ids, past_key_values=cache, max_new_tokens=512)
+    model.generate(ids, cache=cache, max_new_tokens=512)   # past_key_values=cache below transformers 5.24
 
 On CUDA, `flexicache_hf.enable_cuda_graphs(model)` replays decode steps from CUDA graphs (graphs.py).
 """

@@ -19,25 +19,37 @@ advance in one place (`advance_decode`), so graphs.py can capture a step and rep
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from flexicache_hf import ops
 from flexicache_hf.config import FlexiCacheConfig
-from flexicache_hf.memory import DenseHeads, OffloadedHeads
+from flexicache_hf.memory import DenseHeads, OffloadedHeads, capacity_for, reserved_bytes
 from flexicache_hf.profiles import HeadProfile
 
 
 class FlexiKV:
-    """What `update()` hands back to the model: the model passes it on to our attention function."""
+    """What `update()` hands back to the model: the model passes it on to our attention function.
+
+    It is not a tensor: any other attention code that reads it (a model switched to another
+    attn_implementation after the cache was built) gets an error that says what to change."""
 
     __slots__ = ("layer",)
 
     def __init__(self, layer: "FlexiCacheLayer"):
         self.layer = layer
+
+    def __getattr__(self, name):
+        raise TypeError(
+            f"FlexiCache's keys/values were read as a tensor (.{name}) by attention code other than FlexiCache's: "
+            'load the model with attn_implementation="flexicache" (after `import flexicache_hf`) and keep it '
+            "(model.set_attn_implementation(...) to another one needs another cache, e.g. DynamicCache)"
+        )
 
 
 class DecodeFlags(NamedTuple):
@@ -65,13 +77,18 @@ class FlexiCacheLayer(CacheLayerMixin):
     def __init__(self, layer_idx: int, num_kv_heads: int, unstable_heads: list[int], config: FlexiCacheConfig):
         super().__init__()
         self.layer_idx, self.num_kv_heads, self.cfg = layer_idx, num_kv_heads, config
-        self.unstable = sorted(unstable_heads)
-        self.stable = [h for h in range(num_kv_heads) if h not in set(unstable_heads)]
+        self.set_split(unstable_heads)
         self.length = 0
         self.version = 0  # bumped whenever state tensors are replaced: captured decode graphs go stale
         self.calibration = None  # profile="auto": shared OnlineCalibration while it records
 
     # ---- set-up --------------------------------------------------------------------------------
+    def set_split(self, unstable_heads: list[int]) -> None:
+        """Which heads are unstable (GPU pages) and stable (slots + host pool); takes effect at the next
+        lazy initialisation (repartition() re-pages a layer that holds K/V)."""
+        self.unstable = sorted(unstable_heads)
+        self.stable = [h for h in range(self.num_kv_heads) if h not in set(self.unstable)]
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, T, D = key_states.shape
         if H != self.num_kv_heads:
@@ -86,14 +103,13 @@ class FlexiCacheLayer(CacheLayerMixin):
         if cfg.max_cache_len is not None and cfg.max_cache_len >= T:
             pages = math.ceil(cfg.max_cache_len / ps)
         else:
-            pages = math.ceil(max(T, 1) / ps) + cfg.host_headroom_pages
+            pages = capacity_for(math.ceil(max(T, 1) / ps), cfg.host_headroom_pages)
         self.dense = self.offloaded = None
         if self.unstable:
             self.dense = DenseHeads(B, len(self.unstable), D, ps, pages, cfg.sketch_bits, self.dtype, self.device)
         if self.stable:
-            self.offloaded = OffloadedHeads(
-                B, len(self.stable), D, ps, cfg.resident_slots, pages, pages, cfg.sketch_bits, self.dtype, self.device
-            )
+            self.offloaded = OffloadedHeads(B, len(self.stable), D, ps, cfg.resident_slots, pages, pages,
+                                            cfg.sketch_bits, self.dtype, self.device, cfg.host_headroom_pages)
         self.u_idx = torch.tensor(self.unstable, device=self.device, dtype=torch.long)
         self.s_idx = torch.tensor(self.stable, device=self.device, dtype=torch.long)
         # kv_valid[b, pos]: written and not padding (from the attention mask); page_valid: any such token
@@ -129,9 +145,8 @@ class FlexiCacheLayer(CacheLayerMixin):
         if self._fits(length):
             return
         self.version += 1
-        pages = math.ceil(length / self.cfg.page_size)
+        pages = capacity_for(math.ceil(length / self.cfg.page_size), self.cfg.host_headroom_pages)
         if pages > self.page_valid.shape[1]:
-            pages = max(pages, 2 * self.page_valid.shape[1])
             self.kv_valid = _grow_cols(self.kv_valid, pages * self.cfg.page_size)
             self.page_valid = _grow_cols(self.page_valid, pages)
         if self.dense is not None:
@@ -141,12 +156,14 @@ class FlexiCacheLayer(CacheLayerMixin):
 
     # ---- update: store -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # inference only: stored K/V never join an autograd graph (attention.py makes backward say so)
+        key_states, value_states = key_states.detach(), value_states.detach()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.batch:
             raise ValueError(
                 f"layer {self.layer_idx}: batch size changed from {self.batch} to {key_states.shape[0]}; "
-                "use a fresh FlexiCache per generate() call"
+                "call cache.reset() (or use a fresh FlexiCache) before a new request"
             )
         start, n = self.length, key_states.shape[2]
         self._reserve(start + n)
@@ -263,13 +280,6 @@ class FlexiCacheLayer(CacheLayerMixin):
             raise NotImplementedError("FlexiCache does not support attention logit softcapping (softcap)")
         start, n, key_states, value_states, stable_chunk, flags = self.pending
         self.pending = None
-        window = kwargs.get("sliding_window")
-        if window is not None and start + n > window:
-            # below the window a sliding layer attends to everything, exactly like a full one
-            raise NotImplementedError(
-                f"layer {self.layer_idx} is a sliding-window layer (window {window}) and the context ({start + n} "
-                "tokens) now exceeds the window: FlexiCache supports full-attention layers only"
-            )
         if flags is not None:
             return self._decode(query, scaling if scaling is not None else module.scaling, flags), None
         self._record_validity(attention_mask, start, n)
@@ -461,10 +471,11 @@ class FlexiCacheLayer(CacheLayerMixin):
 
     def repartition(self, unstable_heads: list[int]) -> None:
         """Move to a new stable/unstable split (after online calibration); every K/V is kept."""
+        if not self.is_initialized:
+            return self.set_split(unstable_heads)
         keys, values = self._assemble()
         valid = self.kv_valid[:, : self.length].clone()
-        self.unstable = sorted(unstable_heads)
-        self.stable = [h for h in range(self.num_kv_heads) if h not in set(unstable_heads)]
+        self.set_split(unstable_heads)
         self._rebuild(keys, values, valid)
 
     def _select_batch(self, idx: torch.Tensor) -> None:
@@ -492,11 +503,11 @@ class FlexiCacheLayer(CacheLayerMixin):
     # ---- accounting ----------------------------------------------------------------------------
     def memory_report(self) -> dict:
         if not self.is_initialized:
-            return dict.fromkeys(("gpu_kv_bytes", "unstable_gpu_kv_bytes", "stable_gpu_kv_bytes", "host_kv_bytes",
-                                  "metadata_bytes", "dense_kv_bytes"), 0)
+            return dict.fromkeys(MEMORY_KEYS, 0)
         es = torch.finfo(self.dtype).bits // 8
         unstable = self.dense.gpu_bytes(self.length) if self.dense is not None else 0
         stable = self.offloaded.gpu_bytes() if self.offloaded is not None else 0
+        gpu_reserved, host_reserved = reserved_bytes(self)
         return {
             "gpu_kv_bytes": unstable + stable,
             "unstable_gpu_kv_bytes": unstable,
@@ -504,6 +515,8 @@ class FlexiCacheLayer(CacheLayerMixin):
             "host_kv_bytes": self.offloaded.host_bytes() if self.offloaded is not None else 0,
             "metadata_bytes": sum(g.meta.nbytes(self.meta_pages) for g in (self.dense, self.offloaded) if g is not None),
             "dense_kv_bytes": 2 * self.batch * self.num_kv_heads * self.length * self.head_dim * es,
+            "gpu_reserved_bytes": gpu_reserved,
+            "host_reserved_bytes": host_reserved,
         }
 
 
@@ -514,7 +527,8 @@ def _grow_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 class FlexiCache(Cache):
-    """A drop-in `past_key_values` for `generate()` on a model loaded with attn_implementation="flexicache".
+    """A drop-in cache for `generate()` (`cache=`, or `past_key_values=` below transformers 5.24) on a model
+    loaded with attn_implementation="flexicache". Inference only.
 
     Args:
         model_config: the model's config (`model.config`).
@@ -523,6 +537,9 @@ class FlexiCache(Cache):
             calibration.py), or None: the shipped profile of this model if there is one, else "auto".
         config: a `FlexiCacheConfig`; or pass its fields (topk_pages, page_size, rerank_interval, ...)
             directly as keyword arguments.
+
+    Full-attention layers are FlexiCache layers; sliding-window layers keep their window densely on the
+    GPU, as transformers' own sliding layers do (their attention never reads further back).
     """
 
     def __init__(self, model_config, profile=None, *, config: FlexiCacheConfig | None = None, **knobs):
@@ -532,37 +549,58 @@ class FlexiCache(Cache):
             self.config = config or FlexiCacheConfig(**knobs)
         except TypeError as e:
             raise TypeError(f"FlexiCache: {e}; valid knobs are the fields of FlexiCacheConfig") from None
-        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        impl = getattr(text, "_attn_implementation", None) or getattr(model_config, "_attn_implementation", None)
-        if impl not in (None, "flexicache"):
-            raise ValueError(
-                f'the model uses attn_implementation="{impl}"; FlexiCache needs the model loaded with '
-                'attn_implementation="flexicache" (after `import flexicache_hf`)'
-            )
-        layer_types = getattr(text, "layer_types", None) or []
-        odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
-        if odd:
-            raise NotImplementedError(f"FlexiCache supports attention layers only; this model has {odd} layers")
+        text, kinds = check_model_config(model_config)
         num_layers = text.num_hidden_layers
         num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.profile = resolve_profile(profile, text, num_layers, num_kv_heads)
-        self.calibration = None
-        if self.profile is None:  # "auto": every head unstable until the calibration decides
-            from flexicache_hf.calibration import OnlineCalibration
+        self.auto = self.profile is None  # "auto": every head unstable until the calibration decides
+        self.paged = [i for i, kind in enumerate(kinds) if kind is None]
+        from flexicache_hf.stability import resolve_count
 
-            cfg = self.config
-            self.calibration = OnlineCalibration(num_layers, num_kv_heads, cfg.calibration_steps, cfg.auto_unstable, cfg.topk_pages)
-            self.calibration.finish = self._finish_calibration
-        unstable = (lambda i: list(range(num_kv_heads))) if self.profile is None else self.profile.unstable_heads
-        layers = [FlexiCacheLayer(i, num_kv_heads, unstable(i), self.config) for i in range(num_layers)]
-        for layer in layers:
-            layer.calibration = self.calibration
+        self.unstable_count = resolve_count(self.config.auto_unstable, len(self.paged) * num_kv_heads) if self.auto else None
+        layers = [
+            FlexiCacheLayer(i, num_kv_heads, self._unstable(i, num_kv_heads), self.config) if window is None
+            else DynamicSlidingWindowLayer(sliding_window=window)
+            for i, window in enumerate(kinds)
+        ]
         self.decode_graphs = None  # graphs.py keeps this cache's captured decode steps here
         super().__init__(layers=layers)
+        self._start_calibration()
+
+    def _unstable(self, layer_idx: int, num_kv_heads: int) -> list[int]:
+        return list(range(num_kv_heads)) if self.profile is None else self.profile.unstable_heads(layer_idx)
+
+    @property
+    def flexi_layers(self) -> list["FlexiCacheLayer"]:
+        """The paged layers (full attention); sliding-window layers are transformers' own."""
+        return [self.layers[i] for i in self.paged]
+
+    def _start_calibration(self) -> None:
+        """profile="auto": (re)start recording; every paged head is unstable until it decides."""
+        self.calibration = None
+        if self.auto and self.paged:
+            from flexicache_hf.calibration import OnlineCalibration
+
+            cfg, layer = self.config, self.layers[self.paged[0]]
+            self.profile = None
+            self.calibration = OnlineCalibration(len(self.layers), layer.num_kv_heads, self.paged, cfg.calibration_steps,
+                                                 self.unstable_count, cfg.topk_pages)
+            self.calibration.finish = self._finish_calibration
+        for layer in self.flexi_layers:
+            layer.calibration = self.calibration
+            if self.calibration is not None:
+                layer.set_split(list(range(layer.num_kv_heads)))
+
+    def reset(self) -> None:
+        """Empty the cache for a new request (same model, any batch size); profile="auto" calibrates afresh."""
+        super().reset()
+        self._start_calibration()
 
     def graph_state(self) -> GraphState | None:
         """The state a captured decode step depends on, or None when the next step must run eagerly."""
         if self.calibration is not None and self.calibration.active:
+            return None
+        if len(self.paged) != len(self.layers):  # sliding-window layers grow by concatenation: eager
             return None
         keys = [layer.graph_key() for layer in self.layers]
         if any(k is None for k in keys):
@@ -577,36 +615,40 @@ class FlexiCache(Cache):
 
     def _finish_calibration(self) -> None:
         self.profile = self.calibration.result = self.calibration.classify()
-        for i, layer in enumerate(self.layers):
+        for layer in self.flexi_layers:
             layer.calibration = None
-            if layer.is_initialized:
-                layer.repartition(self.profile.unstable_heads(i))
-            else:
-                layer.unstable = self.profile.unstable_heads(i)
-                layer.stable = [h for h in range(layer.num_kv_heads) if h not in set(layer.unstable)]
+            layer.repartition(self.profile.unstable_heads(layer.layer_idx))
 
     def full_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every K/V that `update()` received for this layer, bit-exact: [batch, kv_heads, seq_len, head_dim]."""
-        return self.layers[layer_idx].full_kv()
+        """Every K/V that `update()` received for this layer, bit-exact: [batch, kv_heads, seq_len, head_dim].
+        A sliding-window layer holds only its window (all its attention can read), as in transformers."""
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, FlexiCacheLayer):
+            raise ValueError(f"layer {layer_idx} is a sliding-window layer: it keeps only its last "
+                             f"{layer.sliding_window} tokens, like transformers' own sliding layers")
+        return layer.full_kv()
 
     def join_promotions(self) -> None:
         """Order the current stream after every layer's background promotion (a rerank's page copies). Each
         layer does this itself before it next touches its slots; graphs.py calls it at the end of a captured
         step, whose side-stream work must rejoin the capture, and before a replay."""
-        for layer in self.layers:
+        for layer in self.flexi_layers:
             if getattr(layer, "offloaded", None) is not None:
                 layer.offloaded.join()
 
     def memory_report(self) -> dict:
         """Bytes held by the cache, summed over layers; `dense_kv_bytes` is what a DynamicCache would hold.
 
-        `by_device` splits the same sums by the device of each layer (layers follow their inputs, so a
-        model spread with `device_map` keeps each layer's pages on that layer's device)."""
+        `gpu_reserved_bytes` / `host_reserved_bytes`: every byte the cache's tensors hold allocated (what a
+        memory profiler sees), headroom included; the other figures count the bytes in use. `by_device`
+        splits the same sums by the device of each layer (layers follow their inputs, so a model spread
+        with `device_map` keeps each layer's pages on that layer's device)."""
         total: dict = {}
         by_device: dict = {}
         for layer in self.layers:
+            report = layer.memory_report() if isinstance(layer, FlexiCacheLayer) else _window_report(layer)
             where = str(layer.device) if layer.is_initialized else "uninitialized"
-            for key, value in layer.memory_report().items():
+            for key, value in report.items():
                 total[key] = total.get(key, 0) + value
                 dev = by_device.setdefault(where, {})
                 dev[key] = dev.get(key, 0) + value
@@ -614,30 +656,77 @@ class FlexiCache(Cache):
         return total
 
 
+MEMORY_KEYS = ("gpu_kv_bytes", "unstable_gpu_kv_bytes", "stable_gpu_kv_bytes", "host_kv_bytes", "metadata_bytes",
+               "dense_kv_bytes", "gpu_reserved_bytes", "host_reserved_bytes")
+
+
+def _window_report(layer) -> dict:
+    """memory_report() of a sliding-window layer: its window, all of it on the device."""
+    report = dict.fromkeys(MEMORY_KEYS, 0)
+    if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+        held = layer.keys.nbytes + layer.values.nbytes
+        report.update(gpu_kv_bytes=held, unstable_gpu_kv_bytes=held, gpu_reserved_bytes=held,
+                      dense_kv_bytes=held * layer.get_seq_length() // max(layer.keys.shape[2], 1))
+    return report
+
+
+def check_model_config(model_config):
+    """The text config of a model FlexiCache can serve, and per layer its sliding window (None: a full
+    attention layer, paged by FlexiCache). Refuses, before anything is allocated, what it cannot serve."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model_config, torch.nn.Module):
+        raise TypeError("FlexiCache takes the model's config: FlexiCache(model.config), not FlexiCache(model)")
+    if not isinstance(model_config, PretrainedConfig):
+        raise TypeError(f"FlexiCache takes a transformers model config (model.config), got {type(model_config).__name__}")
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"{model_config.model_type} is an encoder-decoder model: FlexiCache serves decoder-only models "
+            "(use transformers' EncoderDecoderCache for this one)")
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if getattr(text, "kv_lora_rank", None):
+        raise NotImplementedError(
+            f"{text.model_type} uses multi-head latent attention (compressed K/V, kv_lora_rank="
+            f"{text.kv_lora_rank}): FlexiCache pages per-head keys and values and cannot serve it")
+    impl = getattr(text, "_attn_implementation", None) or getattr(model_config, "_attn_implementation", None)
+    if impl not in (None, "flexicache"):
+        raise ValueError(
+            f'the model uses attn_implementation="{impl}"; FlexiCache needs the model loaded with '
+            'attn_implementation="flexicache" (after `import flexicache_hf`)'
+        )
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or (
+        ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers)
+    odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if odd:
+        raise NotImplementedError(f"FlexiCache serves full and sliding-window attention layers; this model has {odd} layers")
+    if "sliding_attention" in layer_types and not window:
+        raise ValueError(f"{text.model_type}: layer_types names sliding layers but the config has no sliding_window")
+    if "full_attention" not in layer_types:
+        warnings.warn(f"every layer of this {text.model_type} model is a sliding-window layer (window {window}): "
+                      "FlexiCache pages none of them, and holds what transformers' own sliding cache would", stacklevel=3)
+    return text, [window if t == "sliding_attention" else None for t in layer_types]
+
+
 def resolve_profile(profile, model_config, num_layers: int, num_kv_heads: int) -> HeadProfile | None:
     """The HeadProfile to use, or None for online calibration ("auto")."""
+    from flexicache_hf.profiles_registry import find_profile
+
     model_id = getattr(model_config, "_name_or_path", None) or None
     if isinstance(profile, str) and profile == "auto":
         return None
-    if isinstance(profile, str):
-        import os
-
-        if os.path.exists(profile):
-            profile = HeadProfile.load(profile)
-        else:
-            from flexicache_hf.profiles_registry import find_profile
-
-            found = find_profile(profile)
-            if found is None:
-                raise ValueError(f"profile={profile!r} is neither a file nor the model id of a shipped profile")
-            profile = found
+    if isinstance(profile, os.PathLike) or (isinstance(profile, str) and os.path.exists(profile)):
+        profile = HeadProfile.load(profile)
+    elif isinstance(profile, str):
+        found = find_profile(profile)
+        if found is None:
+            raise ValueError(f"profile={profile!r} is neither a file nor the model id of a shipped profile")
+        profile = found
     elif profile is None:
-        from flexicache_hf.profiles_registry import find_profile
-
         profile = find_profile(model_config)
         if profile is None:
             return None  # no shipped profile for this model: calibrate online
     if not isinstance(profile, HeadProfile):
-        raise TypeError(f"profile must be a HeadProfile, a path or a model id, got {type(profile).__name__}")
+        raise TypeError(f"profile must be a HeadProfile, a path, a model id or 'auto', got {type(profile).__name__}")
     profile.check_model(num_layers, num_kv_heads, model_id)
     return profile

@@ -4,27 +4,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 
 # The accepted sketch widths and rankings: the config checks them, the command lines offer them.
 SKETCH_BITS = (0, 1, 2, 4)
 SKETCH_SCORES = ("mass", "max")
+# Upper bounds of the knobs (tokens per sequence: 16M; pages of 256 tokens; a rerank at least every 4096 steps)
+MAX_TOKENS = 1 << 24
+MAX_PAGES = MAX_TOKENS
+MAX_PAGE_SIZE = 256
+MAX_RERANK_INTERVAL = 4096
+
+
+def _is_int(value) -> bool:
+    """An int (numpy's included), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class FlexiCacheConfig:
-    """Knobs of FlexiCache. Defaults are the paper's (REFERENCE.md section 2).
+    """Knobs of FlexiCache. Defaults are the paper's (docs/method.md, "Knobs").
 
     Args:
         page_size: tokens per page; a positive power of two.
         topk_pages: pages each head attends to at decode (besides the current page and the tail).
         rerank_interval: stable heads re-select their pages every this many decode steps.
-        host_headroom_pages: extra pages reserved (GPU buffers and pinned host pool) beyond the first
-            forward's tokens, so that decoding grows them rarely (they still grow on demand, by doubling;
-            nothing is dropped).
+        host_headroom_pages: the least headroom, in pages, reserved (GPU buffers, page metadata and the
+            pinned host pool) beyond the tokens held: each reservation adds an eighth of the context or
+            this many pages, whichever is more, so that decoding grows buffers rarely while what is
+            reserved stays close to what is used (memory_report's *_reserved_bytes). Nothing is dropped.
         max_cache_len: the most tokens a sequence will hold (prompt + new tokens), if known: the buffers and
             the pinned host pool are then sized once, at the first forward. With chunked prefill this avoids
-            growing (and re-pinning) them chunk after chunk. None: first forward + host_headroom_pages.
+            growing (and re-pinning) them chunk after chunk. None: sized from the first forward, grown
+            on demand.
         calibration_steps: with profile="auto", decode steps during which every head is unstable while
             its page selections are recorded, before the split is decided (two 16-step chunks by default).
         auto_unstable: with profile="auto", the fraction (or count) of KV heads kept unstable.
@@ -50,10 +63,10 @@ class FlexiCacheConfig:
     page_size: int = 16
     topk_pages: int = 64
     rerank_interval: int = 16
-    host_headroom_pages: int = 128
+    host_headroom_pages: int = 16
     max_cache_len: int | None = None
     calibration_steps: int = 32
-    auto_unstable: float = 0.25
+    auto_unstable: float | int = 0.25
     score_spread: float = 1.0
     sketch_bits: int = 0
     sketch_score: str = "mass"
@@ -63,28 +76,31 @@ class FlexiCacheConfig:
         def bad(name, value, rule):
             raise ValueError(f"FlexiCacheConfig.{name}={value!r} is invalid: {rule}")
 
-        for name in ("page_size", "topk_pages", "rerank_interval", "host_headroom_pages", "calibration_steps"):
+        # upper bounds: far above any real use, low enough that a typo fails here, not in the allocator
+        for name, lo, hi, example in (
+            ("page_size", 1, MAX_PAGE_SIZE, "e.g. 16"),
+            ("topk_pages", 1, MAX_PAGES, "e.g. 64 (a 1024-token budget with 16-token pages)"),
+            ("rerank_interval", 1, MAX_RERANK_INTERVAL, "e.g. 16 (1 re-ranks stable heads every step)"),
+            ("host_headroom_pages", 0, MAX_PAGES, "e.g. 16"),
+            ("calibration_steps", 16, MAX_RERANK_INTERVAL, "e.g. 32 (stability is measured over 16-step chunks)"),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                bad(name, value, "it must be an int")
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
-            bad("page_size", self.page_size, "it must be a positive power of two, e.g. 16")
-        if self.topk_pages < 1:
-            bad("topk_pages", self.topk_pages, "it must be >= 1, e.g. 64 (a 1024-token budget with 16-token pages)")
-        if self.rerank_interval < 1:
-            bad("rerank_interval", self.rerank_interval, "it must be >= 1 (1 re-ranks stable heads every step)")
-        if self.host_headroom_pages < 0:
-            bad("host_headroom_pages", self.host_headroom_pages, "it must be >= 0")
-        if self.max_cache_len is not None and (isinstance(self.max_cache_len, bool) or not isinstance(self.max_cache_len, int)
-                                               or self.max_cache_len < 1):
-            bad("max_cache_len", self.max_cache_len, "give the prompt + new tokens per sequence (an int >= 1), or None")
-        if self.calibration_steps < 16:
-            bad("calibration_steps", self.calibration_steps, "it must be >= 16 (stability is measured over 16-step chunks), e.g. 32")
-        if isinstance(self.auto_unstable, bool) or not (0 < self.auto_unstable <= 1 or float(self.auto_unstable).is_integer()):
-            bad("auto_unstable", self.auto_unstable, "give a fraction in (0, 1], e.g. 0.25, or a head count")
-        if isinstance(self.score_spread, bool) or not isinstance(self.score_spread, (int, float)) or not 0 <= self.score_spread <= 1:
+            if not _is_int(value) or not lo <= value <= hi:
+                bad(name, value, f"it must be an int in [{lo}, {hi}], {example}")
+        if self.page_size & (self.page_size - 1):
+            bad("page_size", self.page_size, "it must be a power of two, e.g. 16")
+        if self.max_cache_len is not None and (not _is_int(self.max_cache_len) or not 1 <= self.max_cache_len <= MAX_TOKENS):
+            bad("max_cache_len", self.max_cache_len,
+                f"give the prompt + new tokens per sequence (an int in [1, {MAX_TOKENS}]), or None")
+        u = self.auto_unstable
+        if _is_int(u):
+            if u < 1:
+                bad("auto_unstable", u, "a head count must be >= 1; or give a fraction in (0, 1], e.g. 0.25")
+        elif isinstance(u, bool) or not isinstance(u, numbers.Real) or not 0 < u <= 1:
+            bad("auto_unstable", u, "give a fraction in (0, 1] (a float, e.g. 0.25) or a head count (an int >= 1)")
+        if isinstance(self.score_spread, bool) or not isinstance(self.score_spread, numbers.Real) or not 0 <= self.score_spread <= 1:
             bad("score_spread", self.score_spread, "give a number in [0, 1]: 1.0 is the MinMax bound (the default)")
-        if not isinstance(self.sketch_bits, int) or isinstance(self.sketch_bits, bool) or self.sketch_bits not in SKETCH_BITS:
+        if not _is_int(self.sketch_bits) or self.sketch_bits not in SKETCH_BITS:
             bad("sketch_bits", self.sketch_bits, "use 0 (MinMax bound only), 1, 2 or 4 bits per key channel")
         if self.sketch_bits and self.score_spread != 1.0:
             bad("score_spread", self.score_spread, "it shapes the MinMax bound, which sketch_bits replaces; "
@@ -92,8 +108,13 @@ class FlexiCacheConfig:
         if self.sketch_score not in SKETCH_SCORES:
             bad("sketch_score", self.sketch_score, 'use "mass" (rank pages by predicted attention mass) or "max" '
                 "(by the best sketched q.k)")
-        if self.use_kernels not in ("auto", True, False):
+        if not isinstance(self.use_kernels, (bool, str)) or self.use_kernels not in ("auto", True, False):
             bad("use_kernels", self.use_kernels, 'use "auto", True or False')
+        # numpy ints are ints; store plain Python ints so the config compares, hashes and prints plainly
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if _is_int(value):
+                object.__setattr__(self, f.name, int(value))
 
     @property
     def budget_tokens(self) -> int:

@@ -1,7 +1,7 @@
 """CUDA graphs for the one-token decode step: the whole model forward, captured once, then replayed.
 
     model = flexicache_hf.enable_cuda_graphs(model)   # once; returns the model
-    model.generate(ids, past_key_values=FlexiCache(model.config), max_new_tokens=512)
+    model.generate(ids, cache=FlexiCache(model.config), max_new_tokens=512)   # past_key_values= below 5.24
 
 Why: in eager PyTorch a decode step is mostly Python and kernel launches (a Llama-3.1-8B-shaped model at
 a 32k context: ~70 ms per step on the H100, of which a few ms are GPU work). A graph replays every
@@ -31,6 +31,7 @@ import inspect
 import torch
 
 from flexicache_hf.cache import FlexiCache
+from flexicache_hf.compat import CACHE_KWARGS, find_cache
 
 
 def enable_cuda_graphs(model):
@@ -64,7 +65,7 @@ class GraphedForward:
             kwargs["input_ids"] = args[0]
         elif args:
             return self.eager(*args, **kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)  # generate() passes it as cache= from transformers 5.24, past_key_values= before
         if not isinstance(cache, FlexiCache) or not self._one_token_call(kwargs):
             return self.eager(**kwargs)
         state = cache.graph_state()
@@ -77,7 +78,7 @@ class GraphedForward:
         if self.takes_cache_position and inputs.get("cache_position") is None:
             inputs["cache_position"] = torch.full((1,), L, dtype=torch.long, device=state.device)
         try:
-            call = tuple(sorted((k, _describe(v)) for k, v in inputs.items() if k != "past_key_values"))
+            call = tuple(sorted((k, _describe(v)) for k, v in inputs.items() if k not in CACHE_KWARGS))
             hash(call)
         except TypeError:  # an input we cannot key a graph on
             return self.eager(**kwargs)

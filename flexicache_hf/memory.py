@@ -31,6 +31,35 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def capacity_for(pages: int, headroom: int) -> int:
+    """Pages to reserve when `pages` must fit: an eighth more (at least `headroom`), so that growing stays
+    amortised O(1) per token while what is reserved stays close to what is used."""
+    return pages + max(pages // 8, headroom)
+
+
+def reserved_bytes(*owners) -> tuple[int, int]:
+    """(device, host) bytes of every tensor storage the owners hold, the memory groups below included, each
+    storage counted once: what the cache holds allocated, whatever part of it is in use."""
+    seen: set = set()
+    device = host = 0
+
+    def walk(obj):
+        nonlocal device, host
+        for name, value in vars(obj).items():
+            if isinstance(value, (PageMetadata, DenseHeads, OffloadedHeads)):
+                walk(value)
+            elif isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen:
+                seen.add(value.untyped_storage().data_ptr())
+                if name.startswith("host_"):
+                    host += value.untyped_storage().nbytes()
+                else:
+                    device += value.untyped_storage().nbytes()
+
+    for owner in owners:
+        walk(owner)
+    return device, host
+
+
 def _grow(t: torch.Tensor, dim: int, new_size: int, pin: bool = False) -> torch.Tensor:
     """A copy of `t` with dimension `dim` enlarged to `new_size` (new entries uninitialised: every reader
     masks what was never written)."""
@@ -71,8 +100,8 @@ class PageMetadata:
         return self.kmin.shape[2]
 
     def reserve(self, pages: int) -> None:
+        """Grow to exactly `pages` (the layer decides how much: capacity_for)."""
         if pages > self.capacity_pages:
-            pages = max(pages, 2 * self.capacity_pages)  # doubling keeps growth amortised O(1)
             for name in self._tensors():
                 setattr(self, name, _grow(getattr(self, name), 2, pages))
 
@@ -116,14 +145,13 @@ class DenseHeads:
         return self.meta.capacity_pages
 
     def reserve(self, pages: int) -> None:
+        """Grow to exactly `pages` (the layer decides how much: capacity_for)."""
         if pages > self.capacity_pages:
-            pages = max(pages, 2 * self.capacity_pages)  # doubling keeps growth amortised O(1)
             self.k = _grow(self.k, 2, pages * self.page_size)
             self.v = _grow(self.v, 2, pages * self.page_size)
             self.meta.reserve(pages)
 
     def write(self, k, v, start: int) -> None:
-        self.reserve(-(-(start + k.shape[2]) // self.page_size))
         self.k[:, :, start : start + k.shape[2]] = k
         self.v[:, :, start : start + v.shape[2]] = v
 
@@ -154,8 +182,9 @@ class OffloadedHeads:
     """Stable heads: selected pages + tail + current page in GPU slots; every full page in host memory."""
 
     def __init__(self, batch, heads, head_dim, page_size, num_slots, host_pages, capacity_pages, sketch_bits,
-                 dtype, device):
+                 dtype, device, headroom=0):
         self.heads, self.page_size, self.device = heads, page_size, torch.device(device)
+        self.headroom = headroom  # host pool growth: capacity_for(pages, headroom)
         self.pin = self.device.type == "cuda"
         self.k = torch.zeros(batch, heads, num_slots, page_size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -185,7 +214,7 @@ class OffloadedHeads:
         if pages > self.host_k.shape[0]:
             # kernels read and write the old pool in place: let them finish before it is freed
             self.wait_offloads(host_reader=True)
-            pages = max(pages, 2 * self.host_k.shape[0])
+            pages = capacity_for(pages, self.headroom)
             self.host_k = _grow(self.host_k, 0, pages, pin=self.pin)
             self.host_v = _grow(self.host_v, 0, pages, pin=self.pin)
 

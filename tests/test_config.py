@@ -12,10 +12,10 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
 @pytest.mark.parametrize(
     "knobs,match",
     [
-        (dict(page_size=0), "power of two"),
+        (dict(page_size=0), "page_size=0 is invalid: it must be an int in \\[1, 256\\]"),
         (dict(page_size=12), "power of two"),
         (dict(page_size=16.0), "must be an int"),
-        (dict(topk_pages=0), "topk_pages=0 is invalid: it must be >= 1"),
+        (dict(topk_pages=0), "topk_pages=0 is invalid: it must be an int in \\[1, "),
         (dict(rerank_interval=0), "rerank_interval=0 is invalid"),
         (dict(rerank_interval=True), "must be an int"),
         (dict(use_kernels="yes"), "use_kernels"),
@@ -29,11 +29,39 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
         (dict(sketch_bits=2.0), "sketch_bits=2.0 is invalid"),
         (dict(sketch_bits=2, sketch_score="sum"), 'sketch_score=\'sum\' is invalid: use "mass"'),
         (dict(sketch_bits=2, score_spread=0.5), "score_spread=0.5 is invalid: it shapes the MinMax bound, which sketch_bits"),
+        # upper bounds: a typo fails here, not in the allocator (issue 17, item 8)
+        (dict(topk_pages=10**12), "topk_pages=1000000000000 is invalid: it must be an int in \\[1, 16777216\\]"),
+        (dict(max_cache_len=10**12), "max_cache_len=1000000000000 is invalid"),
+        (dict(page_size=2**40), "page_size=1099511627776 is invalid: it must be an int in \\[1, 256\\]"),
+        (dict(rerank_interval=10**9), "rerank_interval=1000000000 is invalid: it must be an int in \\[1, 4096\\]"),
+        (dict(host_headroom_pages=10**12), "host_headroom_pages=1000000000000 is invalid"),
+        # auto_unstable: a fraction in (0, 1] or a head count >= 1 (issue 17, item 6)
+        (dict(auto_unstable=0), "auto_unstable=0 is invalid: a head count must be >= 1"),
+        (dict(auto_unstable=-1), "auto_unstable=-1 is invalid"),
+        (dict(auto_unstable=-3), "auto_unstable=-3 is invalid"),
+        (dict(auto_unstable=0.0), "auto_unstable=0.0 is invalid: give a fraction in \\(0, 1\\]"),
+        (dict(auto_unstable=1.5), "auto_unstable=1.5 is invalid"),
+        (dict(auto_unstable=100.0), "auto_unstable=100.0 is invalid"),
+        (dict(auto_unstable="0.25"), "auto_unstable='0.25' is invalid"),
+        (dict(auto_unstable=True), "auto_unstable=True is invalid"),
     ],
 )
 def test_config_rejects(knobs, match):
     with pytest.raises(ValueError, match=match):
         FlexiCacheConfig(**knobs)
+
+
+def test_config_takes_numpy_ints_as_ints():
+    np = pytest.importorskip("numpy")
+    c = FlexiCacheConfig(topk_pages=np.int64(8), auto_unstable=np.int64(4), page_size=np.int32(8))
+    assert (c.topk_pages, c.auto_unstable, c.page_size) == (8, 4, 8) and type(c.auto_unstable) is int
+
+
+def test_auto_unstable_count_above_the_heads_fails_at_construction():
+    _, fc = tiny_pair(layers=2, kv_heads=2)  # 4 KV heads in all
+    with pytest.raises(ValueError, match="unstable=100 heads is out of range: the model has 4 KV heads"):
+        FlexiCache(fc.config, profile="auto", auto_unstable=100)
+    FlexiCache(fc.config, profile="auto", auto_unstable=4)
 
 
 def test_config_defaults_are_the_papers():
@@ -91,15 +119,6 @@ def test_cache_rejects_a_model_not_loaded_with_flexicache():
         FlexiCache(ref.config, profile=HeadProfile.all_stable(2, 2))
 
 
-def test_sliding_window_beyond_window_is_a_clear_error():
-    _, fc = tiny_pair("mistral", sliding_window=32)
-    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2), topk_pages=8, page_size=8)
-    ids = torch.randint(1, 256, (1, 20))
-    fc.generate(ids, past_key_values=cache, max_new_tokens=5)  # within the window: fine
-    with pytest.raises(NotImplementedError, match="sliding-window layer"):
-        fc.generate(torch.randint(1, 256, (1, 40)), past_key_values=FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2)), max_new_tokens=5)
-
-
 def test_full_kv_before_any_forward_is_a_clear_error():
     _, fc = tiny_pair()
     cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2))
@@ -112,7 +131,7 @@ def test_batch_size_change_is_a_clear_error():
     _, fc = tiny_pair()
     cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2))
     fc.generate(torch.randint(1, 256, (2, 10)), past_key_values=cache, max_new_tokens=2)
-    with pytest.raises(ValueError, match="fresh FlexiCache"):
+    with pytest.raises(ValueError, match=r"batch size changed from 2 to 3; call cache.reset\(\)"):
         fc.generate(torch.randint(1, 256, (3, 10)), past_key_values=cache, max_new_tokens=2)
 
 

@@ -135,7 +135,6 @@ def test_path_objects_are_accepted(tmp_path):
         assert q.to_dict() == p.to_dict()
 
 
-@pytest.mark.xfail(strict=True, reason="cache.resolve_profile takes str paths only; it needs an os.PathLike branch")
 def test_path_object_as_the_cache_profile_argument(tmp_path):
     from flexicache_hf.cache import resolve_profile
 
