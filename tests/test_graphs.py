@@ -8,13 +8,14 @@ import torch
 
 from conftest import Recorder, make_cache, tiny_pair
 from flexicache_hf import disable_cuda_graphs, enable_cuda_graphs
+from flexicache_hf.compat import CACHE_KWARG, CACHE_KWARGS, TRANSFORMERS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _generate(model, cache, ids, mask, new, **kw):
+def _generate(model, cache, ids, mask, new, keyword=CACHE_KWARG, **kw):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+        return model.generate(ids, attention_mask=mask, **{keyword: cache}, max_new_tokens=new, min_new_tokens=new,
                               do_sample=False, return_dict_in_generate=True, output_logits=True, **kw)
 
 
@@ -251,4 +252,28 @@ def test_no_garbage_collection_during_capture():
         gc.callbacks.remove(spy)
     assert cache.decode_graphs.captures > 0 and len(seen) > 0  # collections ran, around the captures
     assert not any(seen), "a garbage collection ran during a CUDA-graph capture"
+    assert torch.equal(out.sequences, eager.sequences)
+
+
+@cuda
+@pytest.mark.parametrize("keyword", CACHE_KWARGS)
+def test_graphs_replay_whichever_keyword_carries_the_cache(keyword):
+    """transformers 5.24 renamed generate()'s and forward's past_key_values to cache: decode steps must be
+    replayed (counted) under the name the installed version passes, with the tokens of the eager run."""
+    if keyword == "cache" and CACHE_KWARG != "cache":
+        pytest.skip(f"transformers {TRANSFORMERS} has no cache= keyword")
+    _, fc = tiny_pair("llama", 8, 2, 64, layers=2, dtype=torch.bfloat16)
+    fc.cuda()
+    ids, mask = _batch("cuda")
+    knobs = dict(topk_pages=3, page_size=8, rerank_interval=4)
+    eager = _generate(fc, make_cache(fc, **knobs), ids, mask, 40)
+    enable_cuda_graphs(fc)
+    try:
+        cache = make_cache(fc, **knobs)
+        out = _generate(fc, cache, ids, mask, 40, keyword=keyword)
+    finally:
+        disable_cuda_graphs(fc)
+    print(f"transformers {TRANSFORMERS}, {keyword}=: {cache.decode_graphs.replays} replays, "
+          f"{cache.decode_graphs.captures} captures")
+    assert cache.decode_graphs.replays > 25
     assert torch.equal(out.sequences, eager.sequences)
