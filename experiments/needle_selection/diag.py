@@ -37,6 +37,7 @@ import flexicache_hf  # noqa: F401  registers "flexicache"
 from flexicache_hf import ops
 from flexicache_hf.attention import flexicache_attention
 from flexicache_hf.cache import FlexiKV
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.eval import methods as M
 from flexicache_hf.eval.tasks import make_sample
 from flexicache_hf.models import load_smollm2
@@ -207,7 +208,7 @@ def decode(model, cache, first_logits, prompt_len, n_new, eos, record=True):
             break
         S.record = record
         S.cur = [None] * model.config.num_hidden_layers
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
+        out = model(input_ids=torch.tensor([[nxt]]), **cache_kwargs(cache), use_cache=True,
                     position_ids=torch.tensor([[prompt_len + step]]))
         steps.append(S.cur)
         nxt = int(out.logits[0, -1].argmax())
@@ -245,7 +246,7 @@ def main():
         S.record, S.cur = True, [None] * model.config.num_hidden_layers
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         step0 = S.cur
         S.record = False
         first = out.logits[0, -1].float()
@@ -278,7 +279,7 @@ def main():
                         toks.append(nxt)
                         if nxt in eos or step == args.new - 1:
                             break
-                        o = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
+                        o = model(input_ids=torch.tensor([[nxt]]), **cache_kwargs(cache), use_cache=True,
                                   position_ids=torch.tensor([[ids.shape[1] + step]]))
                         nxt = int(o.logits[0, -1].argmax())
                 res["repo"][name] = {"tokens": toks, "text": tok.decode(toks, skip_special_tokens=True)}

@@ -7,7 +7,7 @@ current page, as FlexiCache attends) are kept, and the softmax mass of the whole
 them is measured (mean over the GQA group's query heads). The model itself always runs dense, so every
 scorer sees the same queries.
 
-Scorers (all a max over the GQA group's query heads, as REFERENCE section 4 specifies for MinMax):
+Scorers (all a max over the GQA group's query heads, as docs/method.md, "Page selection", specifies for MinMax):
   minmax      Quest's bound sum_d max(q_d kmax_d, q_d kmin_d) = q.c + |q|.r  (c = (kmax+kmin)/2, r = (kmax-kmin)/2)
   minmax_l<x> q.c + x |q|.r: the bound with the page's spread weighted by x (x = 0: the box's centre)
   mean        q . mean of the page's keys (needs one more vector per page)
@@ -18,7 +18,7 @@ Scorers (all a max over the GQA group's query heads, as REFERENCE section 4 spec
   exactmax    the page's true largest q.k (the best a per-token max can do)
   oracle      the true mass itself (the ceiling)
 
-    python benchmarks/selector_probe.py --model smollm2 --prompt 4096 --steps 256 --every 8
+    python experiments/selector_probe.py --model smollm2 --prompt 4096 --steps 256 --every 8
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from flexicache_hf.compat import cache_kwargs, output_cache
 from flexicache_hf.eval.runner import fidelity_text
 from flexicache_hf.models import load_model
 
@@ -116,11 +117,11 @@ def main():
     ids = fidelity_text(tok, "docs", a.prompt + a.steps)[None]
     t0 = time.perf_counter()
     out = model(input_ids=ids[:, : a.prompt], use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     for t in range(a.steps):
         Probe.active = t % a.every == 0
         pos = a.prompt + t
-        model(input_ids=ids[:, pos:pos + 1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]]))
+        model(input_ids=ids[:, pos:pos + 1], **cache_kwargs(cache), use_cache=True, position_ids=torch.tensor([[pos]]))
     summary = {"model": a.model, "prompt": a.prompt, "steps": a.steps, "every": a.every, "page_size": a.page_size,
                "topk_pages": a.topk_pages, "seconds": round(time.perf_counter() - t0, 1), "scorers": {}}
     oracle = torch.stack(Probe.cov["oracle"])  # [n, Hkv]

@@ -1,6 +1,6 @@
 """Convert the FlexiCache paper's published unstable-head sets into shipped HeadProfile JSON files.
 
-    python profiles/convert_reference.py [--src ../shared/data/reference_unstable_heads.json] [--out profiles/]
+    python experiments/convert_reference.py [--src ../shared/data/reference_unstable_heads.json] [--out profiles/]
 
 The source (`{model_id: {"unstable-M-profile-TASK-topk-K": [[layer, kv_head], ...]}}`) holds four sets
 per model: tasks gov_report and paper_assistant, K = 64 and 128 pages. One file per model; its profile
@@ -19,7 +19,9 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# outside this repository: the project's shared folder beside the checkout (hence not an installed module)
 DEFAULT_SRC = os.path.join(HERE, "..", "..", "shared", "data", "reference_unstable_heads.json")
+DEFAULT_OUT = os.path.join(HERE, "..", "profiles")
 DEFAULT_TASK, DEFAULT_TOPK = "gov_report", 64
 
 # model id -> (file name, HF config facts of the real model)
@@ -73,7 +75,7 @@ def convert(src: str, out_dir: str) -> list[str]:
         profile = HeadProfile(L, H, [tuple(p) for p in default["unstable"]], {
             "model_id": model_id,
             "source": "FlexiCache paper artifact (arXiv 2511.00868): published unstable-head set "
-                      f"{default['source_key']!r}, converted by profiles/convert_reference.py",
+                      f"{default['source_key']!r}, converted by experiments/convert_reference.py",
             "page_size": 16,
             "topk_pages": DEFAULT_TOPK,
             "task": DEFAULT_TASK,
@@ -92,7 +94,7 @@ def convert(src: str, out_dir: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", default=DEFAULT_SRC)
-    p.add_argument("--out", default=HERE)
+    p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     for path in convert(args.src, args.out):
         print(path)

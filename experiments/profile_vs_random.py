@@ -5,7 +5,7 @@ same size (and every-head-stable), all in lockstep with dense on the same teache
 harness's `run_fidelity`. One random set is one draw: several seeds say whether the profile's edge is larger
 than the spread between random sets.
 
-    python benchmarks/profile_vs_random.py --model smollm2 --prompt 2048 --steps 1024 --budget 1024 --seeds 4
+    python experiments/profile_vs_random.py --model smollm2 --prompt 2048 --steps 1024 --budget 1024 --seeds 4
 """
 
 from __future__ import annotations

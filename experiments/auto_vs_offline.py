@@ -1,6 +1,6 @@
 """profile="auto" against the shipped offline SmolLM2 profile: overlap of the unstable sets at the same M.
 
-    python benchmarks/auto_vs_offline.py [--samples 2] [--sketch-bits 2]   (CPU, ~15 s per sample after loading)
+    python experiments/auto_vs_offline.py [--samples 2] [--sketch-bits 2]   (CPU, ~15 s per sample after loading)
 
 With --sketch-bits the calibration's page selections (and the split they decide) come from the key
 sketches ranked by predicted mass, closer to the attention-mass ranking the offline profile is made with.
@@ -8,6 +8,7 @@ sketches ranked by predicted mass, closer to the attention-mass ranking the offl
 import argparse, torch, time, warnings
 import flexicache_hf
 from flexicache_hf import FlexiCache
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.models import load_smollm2
 from flexicache_hf.profiles_registry import find_profile
 from flexicache_hf.profile_text import cpython_text_windows
@@ -24,6 +25,6 @@ for i, w in enumerate(cpython_text_windows(tok, samples=args.samples, num_tokens
     cache = FlexiCache(model.config, profile="auto", topk_pages=32, page_size=16, calibration_steps=32, auto_unstable=M,
                        sketch_bits=args.sketch_bits)
     with torch.no_grad():
-        model.generate(ids, past_key_values=cache, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        model.generate(ids, **cache_kwargs(cache), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     auto = set(cache.profile.unstable)
     print(f"sample {i}: auto vs offline overlap at M={M}: {len(auto & offline) / M:.2f} (chance {M / 90:.2f}); {time.time() - t:.0f} s incl. prefill", flush=True)

@@ -10,6 +10,7 @@ torch.set_num_threads(1)
 import flexicache_hf  # noqa: F401
 from flexicache_hf import ops
 from flexicache_hf.attention import flexicache_attention
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.models import load_smollm2
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -36,12 +37,12 @@ for sample in [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "0,1").spl
     npg = digit_pos[0] // PS
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         nxt = int(out.logits[0, -1].argmax())
         toks = [nxt]
         CAP["on"] = True
         for step in range(8):
-            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
+            out = model(input_ids=torch.tensor([[nxt]]), **cache_kwargs(cache), use_cache=True,
                         position_ids=torch.tensor([[ids.shape[1] + step]]))
             nxt = int(out.logits[0, -1].argmax())
             toks.append(nxt)
