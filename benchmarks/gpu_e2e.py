@@ -21,12 +21,14 @@ Prints markdown tables last.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
 import torch
 
 import flexicache_hf
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf import FlexiCache
 from flexicache_hf.config import SKETCH_SCORES
 from flexicache_hf.testing import UpdateRecorder
@@ -50,7 +52,7 @@ def check_real_model(results: list[str]) -> None:
 
     def gen(cache, ids=ids, new=new, **kw):
         with torch.no_grad():
-            return model.generate(**ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            return model.generate(**ids, **cache_kwargs(cache), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                   return_dict_in_generate=True, output_logits=True, **kw)
 
     dense = gen(DynamicCache(config=model.config))
@@ -66,7 +68,7 @@ def check_real_model(results: list[str]) -> None:
             pids = tok(prompt, return_tensors="pt", add_special_tokens=False).to("cuda")
             cache = FlexiCache(model.config, topk_pages=k, page_size=ps)
             with torch.no_grad():
-                out = model.generate(**pids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+                out = model.generate(**pids, **cache_kwargs(cache), max_new_tokens=12, do_sample=False)
             ok.append(key in tok.decode(out[0, pids.input_ids.shape[1]:], skip_special_tokens=True))
         source = cache.profile.metadata.get("source", "?") if cache.profile else "auto (still calibrating)"
         results.append(f"| SmolLM2 pass key, ~3k tokens, {k} pages of {ps} (profile: {source}) | {sum(ok)}/3 | |")
@@ -79,7 +81,7 @@ def check_real_model(results: list[str]) -> None:
     cache = FlexiCache(model.config, topk_pages=4, page_size=16, rerank_interval=4)
     rec = UpdateRecorder(cache)
     with torch.no_grad():
-        model.generate(**pids, past_key_values=cache, max_new_tokens=300, min_new_tokens=300, do_sample=False)
+        model.generate(**pids, **cache_kwargs(cache), max_new_tokens=300, min_new_tokens=300, do_sample=False)
     exact = rec.all_exact()
     results.append(f"| no data loss, batch 2 left-padded, 300 sparse steps | full_kv bit-exact: {exact} | |")
     del model
@@ -119,20 +121,30 @@ def _bench(model, cache_fn, ctx, batch, new) -> dict:
     with torch.no_grad():
         _sync()
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         _sync()
         prefill = time.perf_counter() - t0
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(new):
             t = time.perf_counter()
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, **cache_kwargs(cache), use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             _sync()
             step_times.append(time.perf_counter() - t)
     steady = step_times[40:] if len(step_times) >= 56 else (step_times[4:] or step_times)
     rep = cache.memory_report() if hasattr(cache, "memory_report") else {}
     kv = rep.get("gpu_kv_bytes") or sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
+    # what the allocator gives back when the cache goes: its tensors (and, with graphs, their pools)
+    del out, tok
+    held = torch.cuda.memory_allocated()
+    cache.join_promotions() if hasattr(cache, "join_promotions") else None
+    del cache
+    gc.collect()
+    freed = held - torch.cuda.memory_allocated()
     return {
+        "gpu_reserved_gib": rep.get("gpu_reserved_bytes", kv) / 2**30,
+        "host_reserved_gib": rep.get("host_reserved_bytes", 0) / 2**30,
+        "freed_gib": freed / 2**30,
         "prefill_s": prefill,
         "decode_ms": 1000 * statistics.median(step_times[4:] or step_times),
         # steady state, reranks in: from step 40 on every step kind (new page, fill, rerank: each repeats every
@@ -173,7 +185,7 @@ def _generate_run(model, make_cache, batch, prompt, outputs, graphs) -> dict:
         _sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(),
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(make_cache()),
                                  max_new_tokens=outputs, min_new_tokens=outputs, do_sample=False,
                                  prefill_chunk_size=4096, logits_processor=LogitsProcessorList([clock]))
         _sync()
@@ -311,13 +323,14 @@ def main(argv=None):
     print(f"\n## generate()-path decode, Llama-3.1-8B-shaped bf16 ({args.layers} layers, random weights), {torch.cuda.get_device_name()}\n")
     print("| check | result | |\n|---|---|---|")
     print("\n".join(results))
-    print("\n| ctx | batch | dense prefill s | FlexiCache prefill s: steady (first request) | dense decode ms/tok (eager) | HF offloaded ms/tok | FlexiCache eager ms/tok | FlexiCache graphs ms/tok | FlexiCache graphs, steps 40+: mean / slowest ms | graphs vs dense | dense GPU KV GiB | FlexiCache GPU KV GiB | KV saved | host KV GiB | dense peak GiB | FlexiCache peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| ctx | batch | dense prefill s | FlexiCache prefill s: steady (first request) | dense decode ms/tok (eager) | HF offloaded ms/tok | FlexiCache eager ms/tok | FlexiCache graphs ms/tok | FlexiCache graphs, steps 40+: mean / slowest ms | graphs vs dense | dense GPU KV GiB | FlexiCache GPU KV GiB in use | reserved (allocator freed) | KV saved, reserved | host KV GiB in use / reserved | dense peak GiB | FlexiCache peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for ctx, batch, d, e, g, o in rows:
         print(
             f"| {ctx} | {batch} | {d['prefill_s']:.2f} | {g['prefill_s']:.2f} ({e['prefill_s']:.2f}) | {d['decode_ms']:.1f} | "
             f"{o['decode_ms']:.1f} | {e['decode_ms']:.1f} | {g['decode_ms']:.1f} | {g['decode_mean_ms']:.1f} / {g['decode_max_ms']:.1f} | {d['decode_ms'] / g['decode_ms']:.2f}x | {d['gpu_kv_gib']:.2f} | "
-            f"{g['gpu_kv_gib']:.2f} | {1 - g['gpu_kv_gib'] / d['gpu_kv_gib']:.0%} | {g['host_kv_gib']:.2f} | "
+            f"{e['gpu_kv_gib'] + e['metadata_gib']:.2f} | {e['gpu_reserved_gib']:.2f} ({e['freed_gib']:.2f}) | "
+            f"{1 - e['gpu_reserved_gib'] / d['gpu_kv_gib']:.0%} | {e['host_kv_gib']:.2f} / {e['host_reserved_gib']:.2f} | "
             f"{d['peak_gib']:.1f} | {g['peak_gib']:.1f} |"
         )
     if sketched:
