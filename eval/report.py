@@ -35,8 +35,20 @@ def _fmt(x, digits=1):
 
 
 def load(out_dir) -> dict:
-    with open(Path(out_dir) / "results.json", encoding="utf-8") as f:
-        return json.load(f)
+    """<out_dir>/results.json; a ValueError naming the file, and what to do, if it is not a results file
+    (cut short by a full disk or a copy, or edited: ResultStore itself replaces it atomically)."""
+    path = Path(out_dir) / "results.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # not JSON (json.JSONDecodeError), not UTF-8 (UnicodeDecodeError)
+        problem = str(e)
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"a JSON {type(data).__name__}, not an object"
+    raise ValueError(f"{path} is not a readable results file ({problem}): delete it, or rerun the eval with "
+                     "--no-resume to start a fresh one")
 
 
 def _matched(cell, tasks, method, budget):

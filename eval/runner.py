@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.eval import methods as M
 from flexicache_hf.eval.peers import capture_query_windows
+from flexicache_hf.eval.report import load
 
 RESULTS = "results.json"
 
@@ -53,8 +55,7 @@ class ResultStore:
         self.path = self.dir / RESULTS
         self.data = {"runs": [], "records": [], "fidelity": []}
         if resume and self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                self.data = json.load(f)
+            self.data = load(self.dir)  # a ValueError naming the file if it is corrupted
             for key in ("runs", "records", "fidelity"):
                 self.data.setdefault(key, [])
         self._index = {record_key(r): r for r in self.data["records"]}
@@ -141,7 +142,7 @@ def run_prefill(model, input_ids: torch.Tensor, query_window: int = 32) -> M.Pre
     t0 = time.perf_counter()
     cache = DynamicCache(config=model.config)
     with capture_query_windows(model, query_window) as cap:
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     n_layers = len(cache.layers)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     if input_ids.device.type == "cuda":
@@ -160,7 +161,7 @@ def greedy_decode(model, cache, first_logits, prompt_len: int, max_new_tokens: i
         if nxt in eos or (stop is not None and stop(tokens)) or step == max_new_tokens - 1:
             break
         out = model(
-            input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True,
+            input_ids=torch.tensor([[nxt]], device=device), **cache_kwargs(cache), use_cache=True,
             position_ids=torch.tensor([[prompt_len + step]], device=device),
         )
         nxt = int(out.logits[0, -1].argmax())
@@ -184,7 +185,7 @@ def method_cache(method, ctx, budget, prefill, model, shared_prefill: bool = Tru
             return method.make_cache(ctx, budget, prefill), prefill.last_logits
     cache = method.empty_cache(ctx, budget, prefill.length)
     with torch.no_grad():
-        out = model(input_ids=prefill.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prefill.input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1].float()
 
 
@@ -343,7 +344,7 @@ def run_fidelity(model, tokenizer, methods, budgets, store: ResultStore, profile
             pos = torch.tensor([[prompt_tokens + t]], device=device)
             logps = []
             for cache in caches:
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=pos)
+                out = model(input_ids=tok, **cache_kwargs(cache), use_cache=True, position_ids=pos)
                 logps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
             ref = logps[0]
             ref_top = int(ref.argmax())

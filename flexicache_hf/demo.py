@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from flexicache_hf.cli import available_device, check_knobs, load_profile, positive_int
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.config import SKETCH_BITS, SKETCH_SCORES
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -32,6 +34,17 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[s
     return prompt, key
 
 
+def _fraction(text: str) -> float:
+    """`type=` for --depth."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")  # not a number at all: the same message
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (0 = start of the prompt, 1 = end)")
+    return value
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:8.2f} MiB"
 
@@ -39,8 +52,8 @@ def _mib(n: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="flexicache demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 (default), qwen-coder-0.5b, or a local HF folder")
-    ap.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens")
-    ap.add_argument("--depth", type=float, default=0.35, help="where the pass key sits, 0 = start, 1 = end")
+    ap.add_argument("--tokens", type=positive_int, default=3000, help="prompt length in tokens")
+    ap.add_argument("--depth", type=_fraction, default=0.35, help="where the pass key sits, 0 = start, 1 = end")
     ap.add_argument("--topk-pages", type=int, default=16, help="FlexiCache budget in pages")
     # 8-token pages: on this 135M model the MinMax bound of 16-token pages is too loose to find the key
     # at a 16-page budget (0/3 in our runs), 8-token pages find it (3/3); see docs/accuracy.md
@@ -50,11 +63,16 @@ def main(argv=None) -> int:
                     help="score pages by per-token key sketches of this many bits (0: the MinMax bound, the paper's)")
     ap.add_argument("--sketch-score", default="mass", choices=SKETCH_SCORES,
                     help="with --sketch-bits: rank pages by predicted attention mass (default) or best q.k")
-    ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--new-tokens", type=positive_int, default=16)
+    ap.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", default=None, help="head profile JSON (default: the shipped one for the model)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    # the cache's own rules, checked now rather than after the model loaded and the dense run finished
+    check_knobs(ap, page_size=args.page_size, topk_pages=args.topk_pages, rerank_interval=args.rerank_interval,
+                sketch_bits=args.sketch_bits, sketch_score=args.sketch_score)
+    if args.profile is not None:
+        args.profile = load_profile(ap, args.profile)
 
     import flexicache_hf
     from flexicache_hf.models import load_model
@@ -73,7 +91,7 @@ def main(argv=None) -> int:
     def run(cache):
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**ids, past_key_values=cache, max_new_tokens=args.new_tokens, do_sample=False)
+            out = model.generate(**ids, **cache_kwargs(cache), max_new_tokens=args.new_tokens, do_sample=False)
         if args.device == "cuda":
             torch.cuda.synchronize()
         answer = tok.decode(out[0, n:], skip_special_tokens=True).strip()

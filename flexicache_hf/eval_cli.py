@@ -18,12 +18,31 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
+from flexicache_hf.cli import available_device, check_knobs, csv_of, load_profile, positive_int
 from flexicache_hf.config import SKETCH_BITS, SKETCH_SCORES
 
+FIDELITY_KINDS = ("docs", "code")  # the texts of runner.fidelity_text
 
-def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+
+def _budget(text: str) -> int | str:
+    """`type=` for a budget: tokens per KV head (>= 1) or "full"."""
+    if text.lower() == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a budget: give a whole number of tokens >= 1, or 'full'")
+    return value
+
+
+def _fidelity_kind(text: str) -> str:
+    if text not in FIDELITY_KINDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fidelity text: use {' or '.join(FIDELITY_KINDS)}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,21 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="ci", help="ci | cpu | full (default ci)")
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
     p.add_argument("--model", default=None, help="smollm2 | qwen-coder-0.5b | a local HF folder: run only this model")
-    p.add_argument("--tasks", type=_csv, default=None, help="comma-separated task names (see flexicache_hf.eval.tasks)")
-    p.add_argument("--lengths", type=lambda s: [int(x) for x in _csv(s)], default=None, help="prompt lengths in tokens, e.g. 4096,8192")
-    p.add_argument("--samples", type=int, default=None, help="samples per task and length")
-    p.add_argument("--methods", type=_csv, default=None, help="comma-separated methods (see flexicache_hf.eval.methods)")
-    p.add_argument("--budgets", type=_csv, default=None, help="budgets in tokens per KV head, 'full' = whole context")
-    p.add_argument("--fidelity-prompt", type=int, default=None, help="fidelity: prompt tokens")
-    p.add_argument("--fidelity-steps", type=int, default=None, help="fidelity: teacher-forced decode steps")
-    p.add_argument("--fidelity-kinds", type=_csv, default=None, help="fidelity text: docs,code")
-    p.add_argument("--fidelity-budgets", type=_csv, default=None, help="fidelity budgets (default: the preset's)")
-    p.add_argument("--fidelity-methods", type=_csv, default=None, help="fidelity methods (default: the preset's)")
+    p.add_argument("--tasks", type=csv_of(str), default=None, help="comma-separated task names (see flexicache_hf.eval.tasks)")
+    p.add_argument("--lengths", type=csv_of(positive_int), default=None, help="prompt lengths in tokens, e.g. 4096,8192")
+    p.add_argument("--samples", type=positive_int, default=None, help="samples per task and length")
+    p.add_argument("--methods", type=csv_of(str), default=None, help="comma-separated methods (see flexicache_hf.eval.methods)")
+    p.add_argument("--budgets", type=csv_of(_budget), default=None, help="budgets in tokens per KV head, 'full' = whole context")
+    p.add_argument("--fidelity-prompt", type=positive_int, default=None, help="fidelity: prompt tokens")
+    p.add_argument("--fidelity-steps", type=positive_int, default=None, help="fidelity: teacher-forced decode steps")
+    p.add_argument("--fidelity-kinds", type=csv_of(_fidelity_kind), default=None, help="fidelity text: docs,code")
+    p.add_argument("--fidelity-budgets", type=csv_of(_budget), default=None, help="fidelity budgets (default: the preset's)")
+    p.add_argument("--fidelity-methods", type=csv_of(str), default=None, help="fidelity methods (default: the preset's)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the long-generation fidelity run")
     p.add_argument("--no-tasks", action="store_true", help="only the fidelity run")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: the preset's)")
+    p.add_argument("--device", type=available_device, default=None, help="cpu | cuda (default: the preset's)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: the preset's")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--profile", default=None, help="head profile JSON (default: the shipped one of the model)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--score-spread", type=float, default=1.0,
@@ -96,12 +115,61 @@ def plan(args) -> tuple[dict, list[dict]]:
     return preset, jobs
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> tuple[dict, list[dict]]:
+    """plan(args), after every check that needs no model: a bad flag stops the command here, not once a
+    model has loaded (or, worse, after the first records were written)."""
+    from flexicache_hf.eval import methods as M
+    from flexicache_hf.eval.tasks import ALL_TASKS
+
+    def methods(flag, names):
+        try:
+            return M.get_methods(names)
+        except ValueError as e:  # an unknown name
+            parser.error(f"{flag}: {e}")
+
+    check_knobs(parser, page_size=args.page_size, score_spread=args.score_spread, sketch_bits=args.sketch_bits,
+                sketch_score=args.sketch_score)
+    if args.profile is not None:
+        args.profile = load_profile(parser, args.profile)
+    try:
+        preset, jobs = plan(args)
+    except ValueError as e:  # an unknown preset
+        parser.error(f"--preset: {e}")
+    if args.device is None:  # --device itself was checked by its type; the preset's is checked here
+        try:
+            available_device(preset["device"])
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"--preset {args.preset} runs on {e}")
+    for job in jobs:
+        unknown = [t for t in job["tasks"] if t not in ALL_TASKS]
+        if unknown:
+            parser.error(f"--tasks: unknown tasks {unknown}; known: {', '.join(ALL_TASKS)}")
+        runs = [(m, job["method_budgets"].get(m.name, job["budgets"])) for m in methods("--methods", job["methods"])]
+        if job["fidelity"]:
+            runs += [(m, job["fidelity"]["budgets"]) for m in methods("--fidelity-methods", job["fidelity"]["methods"])]
+        # FlexiCache and the page oracles attend to whole pages: their budgets must be whole pages
+        for m, budgets in runs:
+            for b in budgets:
+                if isinstance(m, (M.FlexiCacheMethod, M.OraclePages)) and b is not None and b % args.page_size:
+                    parser.error(f"budget {b} of {m.name} is not a multiple of --page-size {args.page_size}: "
+                                 "give budgets in whole pages, or another --page-size")
+    return preset, jobs
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     out = args.out or os.path.join("runs", args.preset)
-    from flexicache_hf.eval.report import write_report
+    from flexicache_hf.eval.report import load, write_report
 
     if args.report_only:
+        results = Path(out) / "results.json"
+        if not results.is_file():
+            parser.error(f"--report-only: {results} does not exist: point --out at the folder of an earlier run")
+        try:
+            load(out)
+        except ValueError as e:  # a corrupted results.json
+            parser.error(str(e))
         print(f"wrote {write_report(out)}")
         return 0
     t_start = time.perf_counter()
@@ -112,15 +180,15 @@ def main(argv=None) -> int:
     from flexicache_hf.eval import runner, tasks
     from flexicache_hf.models import load_model
 
-    preset, jobs = plan(args)
+    preset, jobs = check_args(parser, args)
+    try:
+        store = runner.ResultStore(out, resume=not args.no_resume)
+    except ValueError as e:  # a corrupted results.json
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device, dtype = preset["device"], getattr(torch, preset["dtype"])
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("flexicache eval: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    store = runner.ResultStore(out, resume=not args.no_resume)
     progress = not args.quiet
     for job in jobs:
         t0 = time.perf_counter()
