@@ -159,12 +159,12 @@ class FlexiCacheMethod(Method):
     def make_cache(self, ctx, budget, prefill):
         cache = self.empty_cache(ctx, budget, prefill.length)
         layers = getattr(cache, "layers", [])
-        if not layers or not all(hasattr(layer, "_rebuild") for layer in layers):
+        if not layers or not all(hasattr(layer, "rebuild") for layer in layers):
             raise NotImplementedError("this FlexiCache cannot be seeded from a prefill")
-        # `_rebuild` is what FlexiCacheLayer.crop uses to re-page a context: the same storage rules as a
+        # `rebuild` is what FlexiCacheLayer.crop uses to re-page a context: the same storage rules as a
         # prefill (tests/test_eval.py checks that the seeded cache decodes exactly like a real prefill)
         for layer, (k, v) in zip(layers, prefill.kv):
-            layer._rebuild(k, v, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device))
+            layer.rebuild(k, v, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device))
         return cache
 
 

@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from flexicache_hf import ops
-from flexicache_hf.cache import FlexiKV
+from flexicache_hf.layer import FlexiKV
 
 
 class EvictionLayer(CacheLayerMixin):

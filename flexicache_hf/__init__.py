@@ -10,13 +10,15 @@ On CUDA, `flexicache_hf.enable_cuda_graphs(model)` replays decode steps from CUD
 
 __version__ = "0.1.0"
 
-from flexicache_hf.attention import register as _register
-from flexicache_hf.cache import FlexiCache, FlexiCacheLayer
+from flexicache_hf.cache import FlexiCache
 from flexicache_hf.config import FlexiCacheConfig
+from flexicache_hf.decode import MinMaxBound, SketchMass, SketchMax
+from flexicache_hf.layer import FlexiCacheLayer
+from flexicache_hf.layer import register as _register
 from flexicache_hf.graphs import disable_cuda_graphs, enable_cuda_graphs
 from flexicache_hf.profiles import HeadProfile
 
 _register()
 
-__all__ = ["FlexiCache", "FlexiCacheLayer", "FlexiCacheConfig", "HeadProfile", "enable_cuda_graphs",
-           "disable_cuda_graphs", "__version__"]
+__all__ = ["FlexiCache", "FlexiCacheLayer", "FlexiCacheConfig", "HeadProfile", "MinMaxBound", "SketchMax",
+           "SketchMass", "enable_cuda_graphs", "disable_cuda_graphs", "__version__"]

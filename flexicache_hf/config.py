@@ -58,6 +58,9 @@ class FlexiCacheConfig:
             tokens outrank a page with one. "max": by the best sketched q.k (ops.page_scores_ref).
         use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
             elsewhere; True forces kernels (error if unavailable); False forces the references.
+        scorer: how pages are summarised and ranked, an object: MinMaxBound(spread), SketchMax(bits) or
+            SketchMass(bits) (flexicache_hf.decode), or its name ("minmax", "sketch_max", "sketch_mass").
+            None: built from the shorthand above (sketch_bits, sketch_score, score_spread).
     """
 
     page_size: int = 16
@@ -71,6 +74,7 @@ class FlexiCacheConfig:
     sketch_bits: int = 0
     sketch_score: str = "mass"
     use_kernels: bool | str = "auto"
+    scorer: object = None
 
     def __post_init__(self):
         def bad(name, value, rule):
@@ -110,11 +114,38 @@ class FlexiCacheConfig:
                 "(by the best sketched q.k)")
         if not isinstance(self.use_kernels, (bool, str)) or self.use_kernels not in ("auto", True, False):
             bad("use_kernels", self.use_kernels, 'use "auto", True or False')
+        object.__setattr__(self, "scorer", self._resolve_scorer(bad))
         # numpy ints are ints; store plain Python ints so the config compares, hashes and prints plainly
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if _is_int(value):
                 object.__setattr__(self, f.name, int(value))
+
+    def _resolve_scorer(self, bad):
+        """The scorer object: `scorer` as given, or built from the shorthand (score_spread, sketch_bits,
+        sketch_score); sketch_bits then follows the scorer, so the two never disagree."""
+        from flexicache_hf.decode import SCORERS, MinMaxBound, SketchMass, SketchMax
+
+        scorer = self.scorer
+        if scorer is None:
+            if not self.sketch_bits:
+                scorer = MinMaxBound(float(self.score_spread))
+            else:
+                scorer = (SketchMass if self.sketch_score == "mass" else SketchMax)(self.sketch_bits)
+        elif (self.sketch_bits, self.score_spread, self.sketch_score) != (0, 1.0, "mass"):
+            bad("scorer", scorer, "pass either scorer= or its shorthand (sketch_bits, sketch_score, score_spread), not both")
+        elif isinstance(scorer, str):
+            if scorer not in SCORERS:
+                bad("scorer", scorer, f"use one of {sorted(SCORERS)} or an object such as SketchMass(2)")
+            scorer = SCORERS[scorer]()
+        if not isinstance(scorer, (MinMaxBound, SketchMax)):
+            bad("scorer", scorer, "use MinMaxBound(), SketchMax(bits) or SketchMass(bits) from flexicache_hf")
+        if isinstance(scorer, MinMaxBound) and not (isinstance(scorer.spread, numbers.Real) and 0 <= scorer.spread <= 1):
+            bad("scorer", scorer, "MinMaxBound.spread must be a number in [0, 1] (1.0: the bound)")
+        if isinstance(scorer, SketchMax) and (not _is_int(scorer.bits) or scorer.bits not in SKETCH_BITS[1:]):
+            bad("scorer", scorer, "a key sketch has 1, 2 or 4 bits per channel")
+        object.__setattr__(self, "sketch_bits", scorer.sketch_bits)
+        return scorer
 
     @property
     def budget_tokens(self) -> int:

@@ -49,7 +49,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:8.2f} MiB"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flexicache demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 (default), qwen-coder-0.5b, or a local HF folder")
     ap.add_argument("--tokens", type=positive_int, default=3000, help="prompt length in tokens")
@@ -67,10 +67,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", default=None, help="head profile JSON (default: the shipped one for the model)")
     ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     # the cache's own rules, checked now rather than after the model loaded and the dense run finished
-    check_knobs(ap, page_size=args.page_size, topk_pages=args.topk_pages, rerank_interval=args.rerank_interval,
-                sketch_bits=args.sketch_bits, sketch_score=args.sketch_score)
+    knobs = dict(page_size=args.page_size, topk_pages=args.topk_pages, rerank_interval=args.rerank_interval,
+                 sketch_bits=args.sketch_bits, sketch_score=args.sketch_score)
+    check_knobs(ap, **knobs)
     if args.profile is not None:
         args.profile = load_profile(ap, args.profile)
 
@@ -94,34 +100,36 @@ def main(argv=None) -> int:
             out = model.generate(**ids, **cache_kwargs(cache), max_new_tokens=args.new_tokens, do_sample=False)
         if args.device == "cuda":
             torch.cuda.synchronize()
-        answer = tok.decode(out[0, n:], skip_special_tokens=True).strip()
-        return answer, time.perf_counter() - start
+        return tok.decode(out[0, n:], skip_special_tokens=True).strip(), time.perf_counter() - start
 
     # With a DynamicCache our attention function is plain sdpa: the dense baseline, same weights.
     from transformers import DynamicCache
 
-    dense_answer, dense_s = run(DynamicCache(config=model.config))
-    cache = flexicache_hf.FlexiCache(
-        model.config, profile=args.profile, topk_pages=args.topk_pages, page_size=args.page_size,
-        rerank_interval=args.rerank_interval, sketch_bits=args.sketch_bits, sketch_score=args.sketch_score,
-    )
-    fc_answer, fc_s = run(cache)
-    r = cache.memory_report()
+    dense = run(DynamicCache(config=model.config))
+    cache = flexicache_hf.FlexiCache(model.config, profile=args.profile, **knobs)
+    flexi = run(cache)
+    _report(args, key, n, dense, flexi, cache)
+    return 0 if key in flexi[0] else 1
+
+
+def _report(args, key, n, dense, flexi, cache) -> None:
     budget = args.topk_pages * args.page_size
     print()
-    print(f"| method | answer | correct | time | ")
-    print(f"|---|---|---|---|")
-    print(f"| dense sdpa (DynamicCache) | {dense_answer!r} | {key in dense_answer} | {dense_s:.1f} s |")
-    print(f"| FlexiCache, budget {budget} tokens ({budget / (n + args.new_tokens):.0%} of context) | {fc_answer!r} | {key in fc_answer} | {fc_s:.1f} s |")
+    print("| method | answer | correct | time |")
+    print("|---|---|---|---|")
+    print(f"| dense sdpa (DynamicCache) | {dense[0]!r} | {key in dense[0]} | {dense[1]:.1f} s |")
+    print(f"| FlexiCache, budget {budget} tokens ({budget / (n + args.new_tokens):.0%} of context) | {flexi[0]!r} | "
+          f"{key in flexi[0]} | {flexi[1]:.1f} s |")
     print()
-    p = cache.profile
+    p, r = cache.profile, cache.memory_report()
     print(f"head profile: {len(p.unstable)} of {p.num_layers * p.num_kv_heads} KV heads unstable ({p.metadata.get('source', p.model_id)})")
+    print(f"scorer: {cache.config.scorer}")
     print(f"KV bytes       dense would hold: {_mib(r['dense_kv_bytes'])}")
-    print(f"  GPU-resident (device {args.device}): {_mib(r['gpu_kv_bytes'])}  (unstable heads {_mib(r['unstable_gpu_kv_bytes'])}, stable-head slots {_mib(r['stable_gpu_kv_bytes'])})")
-    print(f"  host pool:                 {_mib(r['host_kv_bytes'])}")
-    what = "MinMax" if not args.sketch_bits else f"MinMax + {args.sketch_bits}-bit key sketch"
-    print(f"  page metadata ({what}): {_mib(r['metadata_bytes'])}")
-    return 0 if key in fc_answer else 1
+    print(f"  on the device ({args.device}), in use: {_mib(r['gpu_kv_bytes'])} K/V (unstable heads "
+          f"{_mib(r['unstable_gpu_kv_bytes'])}, stable-head slots {_mib(r['stable_gpu_kv_bytes'])}) + "
+          f"{_mib(r['metadata_bytes'])} page metadata")
+    print(f"  on the device, reserved:   {_mib(r['gpu_reserved_bytes'])}  (every byte the cache's tensors hold)")
+    print(f"  host pool, in use / reserved: {_mib(r['host_kv_bytes'])} / {_mib(r['host_reserved_bytes'])}")
 
 
 if __name__ == "__main__":

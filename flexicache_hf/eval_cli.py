@@ -175,10 +175,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     import torch
 
-    import flexicache_hf  # noqa: F401  (registers attn_implementation="flexicache")
-    from flexicache_hf.eval import methods as M
-    from flexicache_hf.eval import runner, tasks
-    from flexicache_hf.models import load_model
+    from flexicache_hf.eval import runner
 
     preset, jobs = check_args(parser, args)
     try:
@@ -188,51 +185,62 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    device, dtype = preset["device"], getattr(torch, preset["dtype"])
-    progress = not args.quiet
+    command = "flexicache eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     for job in jobs:
-        t0 = time.perf_counter()
-        model, tok = load_model(job["model"], dtype=dtype, attn_implementation="flexicache")
-        model.to(device)
-        if device.startswith("cuda") and not args.no_cuda_graphs:
-            flexicache_hf.enable_cuda_graphs(model)  # FlexiCache decode steps only; identical outputs (tests/test_graphs.py)
-        name = runner.model_name(model)
-        print(f"[eval] {name} on {device} ({preset['dtype']}), loaded in {time.perf_counter() - t0:.1f} s", flush=True)
-        profile = runner.resolve_profile(model, tok, args.profile, out)
-        n_unstable = len(profile.unstable)
-        print(f"[eval] head profile: {n_unstable} of {profile.num_layers * profile.num_kv_heads} KV heads unstable "
-              f"({profile.metadata.get('source', profile.model_id)})", flush=True)
-        stats = {}
-        if not args.no_tasks:
-            t1 = time.perf_counter()
-            ds = tasks.build_dataset(tok, job["tasks"], job["lengths"], job["samples"], seed=args.seed)
-            print(f"[eval] {len(ds)} prompts built in {time.perf_counter() - t1:.1f} s "
-                  f"(fingerprint {tasks.dataset_fingerprint(ds)})", flush=True)
-            stats["tasks"] = runner.run_tasks(
-                model, tok, ds, M.get_methods(job["methods"], args.score_spread, args.sketch_bits, args.sketch_score), job["budgets"], store, profile,
-                method_budgets=job["method_budgets"], page_size=args.page_size, shared_prefill=not args.no_shared_prefill,
-                stop_blank_line=not args.no_stop_blank_line, progress=progress,
-            )
-            print(f"[eval] tasks: {stats['tasks']}", flush=True)
-        fid = job.get("fidelity")
-        if fid:
-            stats["fidelity"] = runner.run_fidelity(
-                model, tok, M.get_methods(fid["methods"], args.score_spread, args.sketch_bits, args.sketch_score), fid["budgets"], store, profile,
-                prompt_tokens=fid["prompt_tokens"], steps=fid["steps"], kinds=fid["kinds"], seed=args.seed,
-                page_size=args.page_size, progress=progress,
-            )
-            print(f"[eval] fidelity: {stats['fidelity']}", flush=True)
-        store.add_run({
-            "command": "flexicache eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-            "model": name, "preset": args.preset, "job": {k: v for k, v in job.items()},
-            "wall_s": round(time.perf_counter() - t0, 1), "env": runner.environment(model),
-            "profile_source": f"{profile.metadata.get('source', '')} ({n_unstable} unstable)", "stats": stats,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        })
-        del model
+        _run_job(args, preset, job, store, out, command)
     path = write_report(out)
     print(f"[eval] done in {time.perf_counter() - t_start:.1f} s: {store.path}, {path}", flush=True)
     return 0
+
+
+def _run_job(args, preset, job, store, out, command) -> None:
+    """One model of the preset: load it, run its tasks and its fidelity run, record the run."""
+    import torch
+
+    import flexicache_hf  # noqa: F401  (registers attn_implementation="flexicache")
+    from flexicache_hf.eval import methods as M
+    from flexicache_hf.eval import runner, tasks
+    from flexicache_hf.models import load_model
+
+    t0 = time.perf_counter()
+    device, dtype = preset["device"], getattr(torch, preset["dtype"])
+    model, tok = load_model(job["model"], dtype=dtype, attn_implementation="flexicache")
+    model.to(device)
+    if device.startswith("cuda") and not args.no_cuda_graphs:
+        flexicache_hf.enable_cuda_graphs(model)  # FlexiCache decode steps only; identical outputs (tests/test_graphs.py)
+    name = runner.model_name(model)
+    print(f"[eval] {name} on {device} ({preset['dtype']}), loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    profile = runner.resolve_profile(model, tok, args.profile, out)
+    n_unstable = len(profile.unstable)
+    print(f"[eval] head profile: {n_unstable} of {profile.num_layers * profile.num_kv_heads} KV heads unstable "
+          f"({profile.metadata.get('source', profile.model_id)})", flush=True)
+    methods = lambda names: M.get_methods(names, args.score_spread, args.sketch_bits, args.sketch_score)  # noqa: E731
+    stats, progress = {}, not args.quiet
+    if not args.no_tasks:
+        t1 = time.perf_counter()
+        ds = tasks.build_dataset(tok, job["tasks"], job["lengths"], job["samples"], seed=args.seed)
+        print(f"[eval] {len(ds)} prompts built in {time.perf_counter() - t1:.1f} s "
+              f"(fingerprint {tasks.dataset_fingerprint(ds)})", flush=True)
+        stats["tasks"] = runner.run_tasks(
+            model, tok, ds, methods(job["methods"]), job["budgets"], store, profile,
+            method_budgets=job["method_budgets"], page_size=args.page_size, shared_prefill=not args.no_shared_prefill,
+            stop_blank_line=not args.no_stop_blank_line, progress=progress,
+        )
+        print(f"[eval] tasks: {stats['tasks']}", flush=True)
+    fid = job.get("fidelity")
+    if fid:
+        stats["fidelity"] = runner.run_fidelity(
+            model, tok, methods(fid["methods"]), fid["budgets"], store, profile,
+            prompt_tokens=fid["prompt_tokens"], steps=fid["steps"], kinds=fid["kinds"], seed=args.seed,
+            page_size=args.page_size, progress=progress,
+        )
+        print(f"[eval] fidelity: {stats['fidelity']}", flush=True)
+    store.add_run({
+        "command": command, "model": name, "preset": args.preset, "job": dict(job),
+        "wall_s": round(time.perf_counter() - t0, 1), "env": runner.environment(model),
+        "profile_source": f"{profile.metadata.get('source', '')} ({n_unstable} unstable)", "stats": stats,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
 
 
 if __name__ == "__main__":

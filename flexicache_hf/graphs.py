@@ -13,8 +13,8 @@ caches, the first decode step after a prefill, online calibration, beam reorders
 forward, unchanged. The cache's decode step has fixed shapes and keeps the position on the device
 (cache.py), so one graph serves every step of the same kind (`DecodeFlags`: new page, page fill,
 rerank; a handful per request). A kind is captured the second time it occurs (the first runs eagerly and
-compiles the Triton kernels for these shapes) and replayed from then on; a replay advances the cache's
-Python-side counters with `advance_decode`, exactly as the eager step does. Graphs bake in the
+compiles the Triton kernels for these shapes) and replayed from then on; a replay advances each layer's
+length (`count_replayed_step`), the one Python-side number a decode step changes. Graphs bake in the
 addresses of the cache's buffers, so they belong to the cache and are dropped whenever a buffer is
 replaced (growth past the reserved capacity, batch reorders).
 
@@ -158,8 +158,8 @@ class _CacheGraphs:
                     static[k].copy_(v)
             graph.replay()
             self.replays += 1
-            for layer, flags in zip(cache.layers, state.flags):
-                layer.advance_decode(flags)
+            for layer in cache.layers:
+                layer.count_replayed_step()
         # the next replay overwrites the graph's outputs: hand out a copy of the logits
         return out.__class__(**{k: (v.clone() if k == "logits" else v) for k, v in out.items()})
 

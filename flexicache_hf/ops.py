@@ -12,11 +12,23 @@ Shapes:
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 
 NEG_INF = float("-inf")
+
+
+def slot_index(row, entry, row_slots: int):
+    """The one slot rule: entry `entry` of row `row` (b * heads + h) of a pool with `row_slots` slots per row.
+    An entry is a page id where every page is resident (GPU pages) or a slot-table column (stable heads)."""
+    return row * row_slots + entry
+
+
+def host_index(page, row, rows: int):
+    """Page `page` of row `row` in the page-major host pool [pages, batch * heads, ...]."""
+    return page * rows + row
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -239,10 +251,9 @@ def paged_decode_attention_ref(q: torch.Tensor, groups, kv_valid: torch.Tensor, 
         if rows == 0:
             continue
         row_slots = g.k_pool.shape[0] // rows
-        base = torch.arange(rows, device=q.device).view(rows, 1) * row_slots
         ids = g.page_ids.reshape(rows, M)
-        offset = torch.arange(M, device=q.device).expand(rows, M) if g.by_entry else ids
-        slots = torch.where(ids >= 0, base + offset, -1)
+        entry = torch.arange(M, device=q.device).expand(rows, M) if g.by_entry else ids
+        slots = torch.where(ids >= 0, slot_index(torch.arange(rows, device=q.device).view(rows, 1), entry, row_slots), -1)
         o = sparse_decode_attention_ref(q[:, g.heads].reshape(rows, G, D), g.k_pool, g.v_pool, slots, ids,
                                         kv_valid, scale)
         out[:, g.heads] = o.view(B, Hg, G, D)
@@ -266,18 +277,20 @@ def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torc
 
 
 # ------------------------------------------------------------------------------------------------
-# dispatch: kernels on CUDA, references elsewhere
+# dispatch: the Triton kernel of each op on CUDA (flexicache_hf.kernels, same signature), its reference
+# elsewhere (and under TRITON_INTERPRET=1 in the CPU tests, when use_kernels=True)
 # ------------------------------------------------------------------------------------------------
-def _kernels_for(device_type: str, use_kernels) -> object | None:
-    if use_kernels is False or (use_kernels == "auto" and device_type != "cuda"):
+def _kernels(device: torch.device, use_kernels):
+    """The kernels module if ops on `device` should run kernels, else None."""
+    if use_kernels is False or (use_kernels == "auto" and device.type != "cuda"):
         return None
-    try:
+    try:  # imported late: Triton reads TRITON_INTERPRET once, at import
         from flexicache_hf import kernels
     except ImportError as e:  # triton missing
         if use_kernels is True:
             raise RuntimeError(f"use_kernels=True but the Triton kernels cannot be imported: {e}") from e
         return None
-    if not getattr(kernels, "AVAILABLE", False):
+    if not kernels.AVAILABLE:
         if use_kernels is True:
             raise RuntimeError("use_kernels=True but the Triton kernels are not available in this install")
         return None
@@ -286,22 +299,20 @@ def _kernels_for(device_type: str, use_kernels) -> object | None:
 
 def kernels_available(device: torch.device, use_kernels="auto") -> bool:
     """Whether ops on tensors of `device` run the Triton kernels."""
-    return _kernels_for(device.type, use_kernels) is not None
+    return _kernels(device, use_kernels) is not None
 
 
-def _run(kernel_name: str, ref, device_tensor: torch.Tensor, use_kernels, *args):
-    k = _kernels_for(device_tensor.device.type, use_kernels)
-    if k is None:
-        return ref(*args)
-    if device_tensor.device.type != "cuda":  # Triton's interpreter (tests on the CPU)
-        return getattr(k, kernel_name)(*args)
-    # Triton launches on the current device: a layer placed on another GPU (device_map) must switch to it
-    with torch.cuda.device(device_tensor.device):
-        return getattr(k, kernel_name)(*args)
+def _on(t: torch.Tensor):
+    """Triton launches on the current device: a layer placed on another GPU (device_map) switches to it."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def page_minmax(keys, valid, page_size, use_kernels="auto"):
-    return _run("page_minmax", page_minmax_ref, keys, use_kernels, keys, valid, page_size)
+    k = _kernels(keys.device, use_kernels)
+    if k is None:
+        return page_minmax_ref(keys, valid, page_size)
+    with _on(keys):
+        return k.page_minmax(keys, valid, page_size)
 
 
 def page_sketch(keys, valid, kmin, kmax, page_size, bits):
@@ -311,12 +322,20 @@ def page_sketch(keys, valid, kmin, kmax, page_size, bits):
 
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
                  spread=1.0, codes=None, mass_scale=None):
-    return _run("select_pages", select_pages_ref, q, use_kernels, q, kmin, kmax, page_valid, current, k,
-                append_current, heads, spread, codes, mass_scale)
+    args = (q, kmin, kmax, page_valid, current, k, append_current, heads, spread, codes, mass_scale)
+    kern = _kernels(q.device, use_kernels)
+    if kern is None:
+        return select_pages_ref(*args)
+    with _on(q):
+        return kern.select_pages(*args)
 
 
 def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):
-    return _run("paged_decode_attention", paged_decode_attention_ref, q, use_kernels, q, groups, kv_valid, scale)
+    k = _kernels(q.device, use_kernels)
+    if k is None:
+        return paged_decode_attention_ref(q, groups, kv_valid, scale)
+    with _on(q):
+        return k.paged_decode_attention(q, groups, kv_valid, scale)
 
 
 def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
@@ -326,4 +345,8 @@ def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
     host = src_pool if gpu is dst_pool else dst_pool
     if gpu.device.type == "cuda" and host.device.type == "cpu" and not host.is_pinned():
         use_kernels = False
-    return _run("copy_pages", copy_pages_ref, gpu, use_kernels, src_pool, src_idx, dst_pool, dst_idx)
+    k = _kernels(gpu.device, use_kernels)
+    if k is None:
+        return copy_pages_ref(src_pool, src_idx, dst_pool, dst_idx)
+    with _on(gpu):
+        return k.copy_pages(src_pool, src_idx, dst_pool, dst_idx)

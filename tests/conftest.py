@@ -32,6 +32,7 @@ def tiny_pair(arch="llama", heads=6, kv_heads=2, head_dim=32, layers=2, dtype=to
         vocab_size=256, hidden_size=heads * 16, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=8192, initializer_range=0.1, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+        sliding_window=None,  # Mistral's default (4096) makes every layer a sliding one: tests pass it when wanted
     )
     kwargs.update(extra)
     cfg = cfg_cls(**kwargs)

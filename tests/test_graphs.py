@@ -147,9 +147,9 @@ def _scalars(obj) -> dict:
     return {k: v for k, v in vars(obj).items() if isinstance(v, (int, bool)) and not k.startswith("_")}
 
 
-def test_advance_decode_replays_every_python_side_effect():
-    """A replayed step runs no Python but `advance_decode`: every int/bool attribute that an eager decode
-    step changes (layer and host pool) must be changed identically by `advance_decode` alone."""
+def test_a_replay_advances_every_python_side_number():
+    """A replayed step runs no Python but `count_replayed_step`: every int/bool attribute that an eager decode
+    step changes (layer, memory, slots and host pool) must be changed identically by it alone."""
     import types
 
     from flexicache_hf import FlexiCacheLayer
@@ -160,10 +160,13 @@ def test_advance_decode_replays_every_python_side_effect():
     before, checked = {}, []
     update = FlexiCacheLayer.update
 
+    def state(layer):
+        m = layer.memory
+        return _scalars(layer), _scalars(m), _scalars(m.stable) if m.stable is not None else None
+
     def spy_update(self, k, *args, **kwargs):
         if k.shape[2] == 1 and self.length > 0 and self.step_key() is not None:  # a step graphs would replay
-            off = self.offloaded
-            before[self.layer_idx] = (self.decode_flags(), _scalars(self), _scalars(off) if off is not None else None)
+            before[self.layer_idx] = (self.decode_flags(), *state(self))
         return update(self, k, *args, **kwargs)
 
     decode = FlexiCacheLayer._decode
@@ -172,15 +175,14 @@ def test_advance_decode_replays_every_python_side_effect():
         out = decode(self, query, scale, flags)
         if self.layer_idx not in before:
             return out
-        want_flags, layer_state, off_state = before.pop(self.layer_idx)
-        shadow = types.SimpleNamespace(**layer_state)
-        shadow.offloaded = types.SimpleNamespace(**off_state) if off_state is not None else None
-        FlexiCacheLayer.advance_decode(shadow, want_flags)
+        want_flags, layer_state, mem_state, slots_state = before.pop(self.layer_idx)
+        shadow = types.SimpleNamespace(**layer_state, memory=types.SimpleNamespace(**mem_state))
+        FlexiCacheLayer.count_replayed_step(shadow)
         assert want_flags == flags
-        got = _scalars(self)
-        assert {k: getattr(shadow, k) for k in got} == got
-        if self.offloaded is not None:
-            assert vars(shadow.offloaded) == _scalars(self.offloaded)
+        got = state(self)
+        assert {k: getattr(shadow, k) for k in got[0]} == got[0]
+        assert vars(shadow.memory) == got[1]
+        assert slots_state == got[2]  # the slots and host pool change no Python-side number
         checked.append(flags)
         return out
 

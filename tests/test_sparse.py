@@ -84,7 +84,7 @@ def test_sparse_decode_matches_oracle(device, spread, bits, rank):
 
     def spy(self, query, scale, flags):
         out = orig(self, query, scale, flags)
-        seen.append((self.layer_idx, query.clone(), out.clone(), self.length, self.kv_valid[:, : self.length].clone(), scale))
+        seen.append((self.layer_idx, query.clone(), out.clone(), self.length, self.memory.kv_valid[:, : self.length].clone(), scale))
         return out
 
     FlexiCacheLayer._decode = spy
@@ -102,7 +102,7 @@ def test_sparse_decode_matches_oracle(device, spread, bits, rank):
     # metadata on the GPU per full page and KV head: kmin + kmax (fp64 here), plus the sketch's bytes
     layer = cache.layers[0]
     per_page = 2 * 32 * 8 + 8 * 32 * bits // 8
-    assert cache.memory_report()["metadata_bytes"] == 2 * len(cache.layers) * 2 * layer.meta_pages * per_page
+    assert cache.memory_report()["metadata_bytes"] == 2 * len(cache.layers) * 2 * layer.memory.full_pages * per_page
 
 
 def test_no_data_loss_300_steps_with_padding():
@@ -123,8 +123,9 @@ def test_no_data_loss_300_steps_with_padding():
     layer = cache.layers[0]
     slots = cache.config.resident_slots
     assert report["stable_gpu_kv_bytes"] < report["dense_kv_bytes"] / 2
-    assert layer.offloaded.k.shape[2] == slots
-    assert layer.offloaded.host_len == (101 + 299) // 16
+    assert layer.memory.stable.k.shape[2] == slots
+    per_page = 2 * 2 * len(layer.stable) * 16 * 32 * 4  # k + v, batch 2, stable heads, page, head_dim, fp32
+    assert report["host_kv_bytes"] == 2 * ((101 + 299) // 16) * per_page  # two layers
 
 
 def test_stable_gpu_bytes_bounded_by_budget():
@@ -137,7 +138,7 @@ def test_stable_gpu_bytes_bounded_by_budget():
     assert r["gpu_kv_bytes"] == cache.config.resident_slots * per_slot
     assert r["host_kv_bytes"] == ((500 + 39) // 16) * per_slot
     # every resident slot holds a distinct page: no page is duplicated or lost
-    sp = cache.layers[0].offloaded.slot_page
+    sp = cache.layers[0].memory.stable.slot_page
     for row in sp.view(-1, sp.shape[-1]):
         used = row[row >= 0]
         assert used.unique().numel() == used.numel() <= cache.config.resident_slots
