@@ -94,3 +94,14 @@ def test_classes_and_functions_stay_small():
             if limit and size > limit:
                 too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({size} lines > {limit})")
     assert not too_long, too_long
+
+
+def test_every_package_folder_is_installed():
+    """A wheel installs only the packages pyproject.toml lists: every folder of flexicache_hf/ with an
+    __init__.py must be there (an editable install would hide a missing one)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"flexicache_hf" + "".join("." + p for p in init.parent.relative_to(ROOT / "flexicache_hf").parts)
+               for init in (ROOT / "flexicache_hf").rglob("__init__.py")}
+    assert folders <= listed, sorted(folders - listed)
