@@ -51,6 +51,11 @@ class FlexiCache(Cache):
         except TypeError as e:
             raise TypeError(f"FlexiCache: {e}; valid knobs are the fields of FlexiCacheConfig") from None
         text, kinds = check_model_config(model_config)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head_dim * self.config.sketch_bits % 8:
+            fits = [b for b in (1, 2, 4) if head_dim * b % 8 == 0]
+            raise ValueError(f"{self.config.scorer} needs head_dim * bits to be a multiple of 8 (this model's head_dim "
+                             f"is {head_dim}): pass sketch_bits in {fits} or scorer=MinMaxBound()")
         num_layers = text.num_hidden_layers
         num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.profile = resolve_profile(profile, text, num_layers, num_kv_heads)

@@ -10,6 +10,10 @@ import numbers
 # The accepted sketch widths and rankings: the config checks them, the command lines offer them.
 SKETCH_BITS = (0, 1, 2, 4)
 SKETCH_SCORES = ("mass", "max")
+# The default scorer: 2-bit key sketches ranked by the attention mass they predict (docs/method.md, "Key
+# sketches"). The paper's MinMax bound alone (sketch_bits=0, or scorer=MinMaxBound()) keeps far less of
+# dense's accuracy on the small models we can run (docs/accuracy.md).
+DEFAULT_SKETCH_BITS = 0  # flipped to 2 in the next commit (issue 20)
 # Upper bounds of the knobs (tokens per sequence: 16M; pages of 256 tokens; a rerank at least every 4096 steps)
 MAX_TOKENS = 1 << 24
 MAX_PAGES = MAX_TOKENS
@@ -41,21 +45,19 @@ class FlexiCacheConfig:
         calibration_steps: with profile="auto", decode steps during which every head is unstable while
             its page selections are recorded, before the split is decided (two 16-step chunks by default).
         auto_unstable: with profile="auto", the fraction (or count) of KV heads kept unstable.
-        score_spread: weight of the key box's half-width in a page's score, q.c + score_spread * |q|.r
-            (ops.page_scores_ref). 1.0 is Quest's MinMax upper bound, the reference; smaller values rank
-            pages closer to their true attention on small models (docs/accuracy.md, "page scoring").
-        sketch_bits: 0 (the default) scores pages by the MinMax bound alone. 1, 2 or 4: also keep every
-            token's key quantised to that many bits per channel inside its page's min/max box, and score a
-            page by its best sketched q.k (ops.page_scores_ref). 2 bits rank pages as well as the exact
-            keys would (captured attention mass 0.948 vs 0.949 on SmolLM2, bound 0.919) and keep far more of
-            dense's accuracy on small models (docs/accuracy.md, "Per-token key sketch"), for
-            page_size * head_dim * sketch_bits / 8 more bytes of GPU metadata per page and head (2 bits,
-            pages of 16, bf16: as much again as kmin + kmax, 1/16 of the page's K/V) and 2-9% longer decode
-            steps (docs/performance.md). Needs head_dim * sketch_bits divisible by 8.
-        sketch_score: how sketched keys rank pages (with sketch_bits > 0). "mass" (the default): by the
-            attention mass they predict, each query head's softmax over the candidate pages summed over the
-            GQA group (ops.page_mass_ref), the oracle's criterion estimated: pages holding several relevant
-            tokens outrank a page with one. "max": by the best sketched q.k (ops.page_scores_ref).
+        scorer: how pages are summarised when they fill and ranked for a query (flexicache_hf.decode):
+            SketchMass(2), the default: every token's key kept at 2 bits per channel inside its page's
+            min/max box, pages ranked by the attention mass the sketched keys predict (each query head's
+            softmax over the candidates, summed over the GQA group). SketchMax(bits): ranked by the best
+            sketched q.k. MinMaxBound(spread): the paper's (Quest's) bound from kmin/kmax alone, for
+            reproduction. Also by name: "sketch_mass", "sketch_max", "minmax". Why the sketch is the default
+            and what it costs (1/16 of the page K/V bytes more metadata at 2 bits, a few % of decode time):
+            docs/method.md, "Key sketches", and docs/accuracy.md.
+        sketch_bits, sketch_score, score_spread: a shorthand for the scorer, when `scorer` is not given:
+            sketch_bits 1, 2 or 4 -> SketchMass(bits) (sketch_score "mass") or SketchMax(bits) ("max");
+            sketch_bits 0, or score_spread alone -> MinMaxBound(score_spread or 1.0). Nothing: SketchMass(2).
+            Key sketches need head_dim * bits divisible by 8. After construction both fields describe the
+            scorer in use.
         use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
             elsewhere; True forces kernels (error if unavailable); False forces the references.
         scorer: how pages are summarised and ranked, an object: MinMaxBound(spread), SketchMax(bits) or
@@ -70,8 +72,8 @@ class FlexiCacheConfig:
     max_cache_len: int | None = None
     calibration_steps: int = 32
     auto_unstable: float | int = 0.25
-    score_spread: float = 1.0
-    sketch_bits: int = 0
+    score_spread: float | None = None
+    sketch_bits: int | None = None
     sketch_score: str = "mass"
     use_kernels: bool | str = "auto"
     scorer: object = None
@@ -102,13 +104,14 @@ class FlexiCacheConfig:
                 bad("auto_unstable", u, "a head count must be >= 1; or give a fraction in (0, 1], e.g. 0.25")
         elif isinstance(u, bool) or not isinstance(u, numbers.Real) or not 0 < u <= 1:
             bad("auto_unstable", u, "give a fraction in (0, 1] (a float, e.g. 0.25) or a head count (an int >= 1)")
-        if isinstance(self.score_spread, bool) or not isinstance(self.score_spread, numbers.Real) or not 0 <= self.score_spread <= 1:
-            bad("score_spread", self.score_spread, "give a number in [0, 1]: 1.0 is the MinMax bound (the default)")
-        if not _is_int(self.sketch_bits) or self.sketch_bits not in SKETCH_BITS:
-            bad("sketch_bits", self.sketch_bits, "use 0 (MinMax bound only), 1, 2 or 4 bits per key channel")
-        if self.sketch_bits and self.score_spread != 1.0:
-            bad("score_spread", self.score_spread, "it shapes the MinMax bound, which sketch_bits replaces; "
-                "leave score_spread at 1.0 when sketch_bits > 0")
+        spread, bits = self.score_spread, self.sketch_bits
+        if spread is not None and (isinstance(spread, bool) or not isinstance(spread, numbers.Real) or not 0 <= spread <= 1):
+            bad("score_spread", spread, "give a number in [0, 1]: 1.0 is the MinMax bound")
+        if bits is not None and (not _is_int(bits) or bits not in SKETCH_BITS):
+            bad("sketch_bits", bits, "use 0 (MinMax bound only), 1, 2 or 4 bits per key channel")
+        if bits and spread not in (None, 1.0):
+            bad("score_spread", spread, "it shapes the MinMax bound, which sketch_bits replaces; "
+                "leave score_spread unset when sketch_bits > 0")
         if self.sketch_score not in SKETCH_SCORES:
             bad("sketch_score", self.sketch_score, 'use "mass" (rank pages by predicted attention mass) or "max" '
                 "(by the best sketched q.k)")
@@ -126,13 +129,15 @@ class FlexiCacheConfig:
         sketch_score); sketch_bits then follows the scorer, so the two never disagree."""
         from flexicache_hf.decode import SCORERS, MinMaxBound, SketchMass, SketchMax
 
-        scorer = self.scorer
+        scorer, bits = self.scorer, self.sketch_bits
         if scorer is None:
-            if not self.sketch_bits:
-                scorer = MinMaxBound(float(self.score_spread))
+            if bits is None:  # score_spread alone names the bound; nothing names the default
+                bits = 0 if self.score_spread is not None else DEFAULT_SKETCH_BITS
+            if not bits:
+                scorer = MinMaxBound(float(1.0 if self.score_spread is None else self.score_spread))
             else:
-                scorer = (SketchMass if self.sketch_score == "mass" else SketchMax)(self.sketch_bits)
-        elif (self.sketch_bits, self.score_spread, self.sketch_score) != (0, 1.0, "mass"):
+                scorer = (SketchMass if self.sketch_score == "mass" else SketchMax)(bits)
+        elif (self.sketch_bits, self.score_spread, self.sketch_score) != (None, None, "mass"):
             bad("scorer", scorer, "pass either scorer= or its shorthand (sketch_bits, sketch_score, score_spread), not both")
         elif isinstance(scorer, str):
             if scorer not in SCORERS:
@@ -145,6 +150,7 @@ class FlexiCacheConfig:
         if isinstance(scorer, SketchMax) and (not _is_int(scorer.bits) or scorer.bits not in SKETCH_BITS[1:]):
             bad("scorer", scorer, "a key sketch has 1, 2 or 4 bits per channel")
         object.__setattr__(self, "sketch_bits", scorer.sketch_bits)
+        object.__setattr__(self, "score_spread", getattr(scorer, "spread", 1.0))
         return scorer
 
     @property

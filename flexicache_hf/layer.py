@@ -68,10 +68,6 @@ class FlexiCacheLayer(CacheLayerMixin):
         B, H, T, D = key_states.shape
         if H != self.num_kv_heads:
             raise ValueError(f"layer {self.layer_idx}: got {H} KV heads, the cache was built for {self.num_kv_heads}")
-        if D * self.cfg.sketch_bits % 8:
-            fits = [b for b in (1, 2, 4) if D * b % 8 == 0]
-            raise ValueError(f"sketch_bits={self.cfg.sketch_bits} needs head_dim * sketch_bits to be a multiple of 8 "
-                             f"(head_dim is {D}); use sketch_bits in {[0] + fits}")
         scorer, ps, kernels = self.cfg.scorer, self.cfg.page_size, self.cfg.use_kernels
         self.memory = LayerMemory(key_states, self.unstable, self.cfg,
                                   lambda keys, valid: scorer.summarise(keys, valid, ps, kernels))

@@ -136,8 +136,8 @@ def test_batch_size_change_is_a_clear_error():
 
 
 def test_sketch_bits_that_do_not_pack_the_head_dim_are_a_clear_error():
-    """head_dim 36 with 1 bit per channel is 4.5 bytes per token: the error names the settings that fit."""
+    """head_dim 36 with 1 bit per channel is 4.5 bytes per token: refused at construction, before anything is
+    allocated, naming the settings that fit."""
     _, fc = tiny_pair("llama", 2, 2, 36)
-    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2), sketch_bits=1)
-    with pytest.raises(ValueError, match=r"head_dim is 36\); use sketch_bits in \[0, 2, 4\]"):
-        fc.generate(torch.randint(1, 256, (1, 20)), past_key_values=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"head_dim is 36\): pass sketch_bits in \[2, 4\] or scorer=MinMaxBound\(\)"):
+        FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2), sketch_bits=1)
