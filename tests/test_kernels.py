@@ -15,6 +15,7 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 pytest.importorskip("triton")
 
+from conftest import sketch_case  # noqa: E402
 from flexicache_hf import ops  # noqa: E402
 from flexicache_hf.kernels import _util, attention, copy, minmax, scores, select  # noqa: E402
 
@@ -180,21 +181,6 @@ def test_kernel_page_scores_spread(dtype, spread):
         assert torch.equal(got, ops.topk_pages_ref(masked, 7))
 
 
-def test_page_scores_ref_spread():
-    """spread 1 is the bound (the centre/half-width form equals the elementwise max when kmin <= kmax);
-    spread 0 is the box centre's q.c; scores fall monotonically with the spread."""
-    q = torch.randn(3, 4, 32, dtype=torch.float64)
-    a, b = torch.randn(2, 3, 11, 32, dtype=torch.float64)
-    kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
-    bound = ops.page_scores_ref(q, kmin, kmax)
-    c, r = (kmax + kmin) / 2, (kmax - kmin) / 2
-    per_q = lambda s: (torch.einsum("ngd,npd->ngp", q, c) + s * torch.einsum("ngd,npd->ngp", q.abs(), r)).amax(1)  # noqa: E731
-    torch.testing.assert_close(bound, per_q(1.0))
-    torch.testing.assert_close(ops.page_scores_ref(q, kmin, kmax, 0.0), per_q(0.0))
-    assert (ops.page_scores_ref(q, kmin, kmax, 0.5) <= bound + 1e-12).all()
-    assert (ops.page_scores_ref(q, kmin, kmax, 0.0) <= ops.page_scores_ref(q, kmin, kmax, 0.5) + 1e-12).all()
-
-
 def test_kernel_page_scores_any_kmin_kmax_and_strides():
     """Elementwise max(q*kmax, q*kmin), even where kmin > kmax; non-contiguous rows."""
     q = torch.randn(4, 3, 80, device=DEV)
@@ -204,14 +190,7 @@ def test_kernel_page_scores_any_kmin_kmax_and_strides():
 
 
 def make_sketch_case(dtype, bits, ps, D, B=2, H=3, P=13):
-    """Keys with left padding (two empty pages, a partly valid one) and a flat channel, their MinMax
-    metadata and their sketch, as the cache writes them."""
-    keys = torch.randn(B, H, P * ps, D, device=DEV).to(dtype)
-    keys[:, :, :, 5] = 0.25  # a flat box in channel 5
-    valid = torch.ones(B, P * ps, dtype=torch.bool, device=DEV)
-    valid[1, : 2 * ps + 1] = False
-    kmin, kmax = ops.page_minmax_ref(keys, valid, ps)
-    return keys, valid, kmin, kmax, ops.page_sketch_ref(keys, valid, kmin, kmax, ps, bits)
+    return sketch_case(dtype, bits, ps, D, B, H, P, device=DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -267,47 +246,6 @@ def test_kernel_page_lse_and_mass(dtype, bits, ps, D, G):
                               mass_scale=0.3)
     assert torch.equal(got[:, :-1], ops.topk_pages_ref(mass, 4)) and (got[:, -1] == 11).all()
     assert (got[H:, :-1] == -1).all()  # the row without candidates selects nothing
-
-
-def test_page_mass_ref_properties():
-    """Each query head's shares over the candidates sum to 1 (so a row's masses sum to G); with one query
-    head, mass ranks pages as the logsumexp does; equal to a softmax over every sketched token, summed per page."""
-    ps, D, G = 4, 16, 3
-    _, _, kmin, kmax, codes = make_sketch_case(torch.float64, 2, ps, D, P=7)
-    q = torch.randn(3, G, D, dtype=torch.float64, device=DEV)
-    lse = ops.page_lse_ref(q, kmin[0], kmax[0], codes[0], 0.5)
-    lse[1, :, 2] = float("-inf")  # row 1: page 2 is no candidate
-    mass = ops.page_mass_ref(lse)
-    assert torch.allclose(mass.masked_fill(mass.isneginf(), 0).sum(-1), torch.full((3,), float(G), dtype=mass.dtype, device=DEV))
-    assert mass[1, 2] == float("-inf") and mass.isfinite().sum() == 3 * 7 - 1
-    khat = ops.sketch_keys_ref(kmin[0], kmax[0], codes[0])
-    probs = (torch.einsum("ngd,nptd->ngpt", q, khat) * 0.5).flatten(2).softmax(-1).view(3, G, 7, ps)
-    torch.testing.assert_close(mass[0], probs[0].sum((0, 2)))
-    one = ops.page_mass_ref(lse[:, :1])
-    assert torch.equal(one.argsort(-1), lse[:, 0].argsort(-1))
-
-
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_page_sketch_ref_properties(bits):
-    """Decoded keys lie within half a level of the true ones (exactly kmin in a flat channel); padding
-    tokens repeat their page's first valid token; the sketched score lies between the page's true best
-    q.k minus the decoding error and the MinMax bound; more bits, closer scores."""
-    ps, D = 8, 32
-    keys, valid, kmin, kmax, codes = make_sketch_case(torch.float64, bits, ps, D, P=6)
-    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 6, ps, D * bits // 8)
-    khat = ops.sketch_keys_ref(kmin, kmax, codes).flatten(2, 3)  # [B, H, P*ps, D]
-    half_level = ((kmax - kmin) / 2 ** (bits + 1)).repeat_interleave(ps, 2)
-    ok = valid[:, None, :, None].expand_as(khat)
-    assert ((khat - keys).abs() <= half_level + 1e-12)[ok].all()
-    assert (khat[..., 5] == 0.25)[valid[:, None].expand(-1, 3, -1)].all()
-    first = khat[1, :, 2 * ps + 1]  # page 2's first valid token stands in for its padding token
-    assert torch.equal(khat[1, :, 2 * ps], first)
-    q = torch.randn(3, 4, D, dtype=torch.float64, device=DEV)
-    s = ops.page_scores_ref(q, kmin[0], kmax[0], codes=codes[0])
-    exact = torch.einsum("ngd,ntd->ngt", q, keys[0]).view(3, 4, 6, ps).amax(-1).amax(1)
-    slack = torch.einsum("ngd,npd->ngp", q.abs(), (kmax - kmin)[0] / 2 ** (bits + 1)).amax(1)
-    assert (s <= ops.page_scores_ref(q, kmin[0], kmax[0]) + 1e-9).all()
-    assert ((s - exact).abs() <= slack + 1e-9).all()
 
 
 # ------------------------------------------------------------------------------------------------
