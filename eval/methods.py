@@ -10,10 +10,11 @@ budget in tokens per KV head visible to decode attention:
 | flexicache | FlexiCache, the model's head profile, rerank every 16 steps | topk_pages = budget / page_size |
 | flexicache_no_rerank | same, stable heads never re-select after the first decode step (they keep that selection plus every page created since) | same |
 | flexicache_all_stable | every head stable (rerank every 16) | same |
-| quest | every head unstable: re-select every step (Quest-style, nothing offloaded) | same |
+| quest | every head unstable: re-select every step (Quest-style, nothing offloaded: GPU bytes = dense's) | same (attended tokens) |
 | flexicache_random_unstable | as many unstable heads as the profile, drawn at random (seeded) | same |
 | streamingllm | 4 sink tokens + the newest tokens | budget tokens |
 | snapkv | SnapKV prefill eviction (window 32, pooling 5), the window slides during decode | budget tokens |
+| duo_attention | DuoAttention-style: the profile's unstable heads keep every token, the others sinks + recent tokens | the window that gives FlexiCache's GPU K/V bytes at this budget |
 | oracle_pages | every head, every step: the top-K pages by true attention mass (+ the current page), computed from all keys: the ceiling of any page selector, not a method | as flexicache |
 | oracle_pages_pooled | the same, but the layer's KV heads share their budget: the K x heads pages of highest mass in the layer, however many per head (a diagnostic of per-head budgets) | as flexicache, per head on average |
 
@@ -169,6 +170,64 @@ class FlexiCacheMethod(Method):
 
 
 @dataclass
+class Quest(FlexiCacheMethod):
+    """Quest (Tang et al. 2024) as FlexiCache with every head unstable: every KV head re-selects its top-K
+    pages at every decode step by the MinMax bound (the max over its GQA group) and attends to them plus
+    the current page; nothing is offloaded. Its *attended* tokens are the budget (as FlexiCache's unstable
+    heads); its GPU bytes are the whole context, as Quest's are: `memory_report()["gpu_kv_bytes"]` (what
+    results.json records) is every K/V of every head, the dense cache's bytes, plus the page metadata
+    (reported apart). `peers.quest_page_attention` is Quest written from the paper, independently of
+    FlexiCache's code; tests/test_peers_duo_quest.py checks that both select the same pages. With
+    --sketch-bits it is renamed quest_sketch<b>... like every FlexiCache method: pages ranked by key
+    sketches, no longer Quest's bound."""
+
+    name: str = "quest"
+    profile: str = "all_unstable"
+
+
+@dataclass
+class DuoAttention(Method):
+    """DuoAttention-style peer (Xiao et al. 2024) at FlexiCache's GPU bytes: the head profile's unstable
+    heads are the retrieval heads and keep every token (full attention); the stable heads are streaming
+    heads and keep `n_sink` sink tokens + the newest tokens, `window` in all (peers.DuoLayer).
+
+    How the GPU bytes are equalised: FlexiCache at budget b keeps, per layer, every token of its unstable
+    heads on the GPU and, per stable head, `resident_slots` = b / page_size + 1 + ceil(rerank_interval /
+    page_size) page slots (its top-K, the current page, the pages made before the next rerank); the rest
+    of a stable head's context is in host memory. This peer uses the same split of heads, so its retrieval
+    heads hold exactly the bytes of FlexiCache's unstable heads, and gives each streaming head a window of
+    `resident_slots * page_size` tokens (b + 32 at pages of 16 and rerank 16), the bytes of its GPU slots:
+    the K/V bytes it holds (`kv_bytes()`, recorded as kv_bytes_after_prefill) equal FlexiCache's
+    `gpu_kv_bytes` at every step once the context exceeds the window. Not counted on either side:
+    FlexiCache's page metadata (kmin/kmax of every page, 1/page_size of the K bytes; `metadata_bytes`)
+    and its host copy. Retrieval heads attend to everything, so the attended budget is not equal: that is
+    the design. Sinks: min(n_sink, window // 4) (DuoAttention's setting is 64 sinks + 256 recent tokens).
+    The budget must be whole pages, as FlexiCache's."""
+
+    name: str = "duo_attention"
+    n_sink: int = 64
+    rerank_interval: int = 16  # that of the FlexiCache it is equalised with (FlexiCacheMethod's default)
+
+    def window(self, ctx: Context, budget: int | None, prompt_len: int) -> int:
+        """Tokens per streaming head: the GPU slots of one FlexiCache stable head at this budget."""
+        from flexicache_hf.config import FlexiCacheConfig
+
+        cfg = FlexiCacheConfig(page_size=ctx.page_size, topk_pages=ctx.topk_pages(budget, prompt_len),
+                               rerank_interval=self.rerank_interval)
+        return cfg.resident_slots * cfg.page_size
+
+    def _cache(self, ctx, budget, prompt_len, prefill_kv=None):
+        window = self.window(ctx, budget, prompt_len)
+        return peers.duo_attention_cache(ctx.profile, window, min(self.n_sink, window // 4), prefill_kv)
+
+    def make_cache(self, ctx, budget, prefill):
+        return self._cache(ctx, budget, prefill.length, prefill.kv)
+
+    def empty_cache(self, ctx, budget, prompt_len):
+        return self._cache(ctx, budget, prompt_len)
+
+
+@dataclass
 class StreamingLLM(Method):
     name: str = "streamingllm"
     n_sink: int = 4
@@ -223,10 +282,11 @@ def registry() -> dict[str, Method]:
             FlexiCacheMethod(),
             FlexiCacheMethod(name="flexicache_no_rerank", rerank_interval=None),
             FlexiCacheMethod(name="flexicache_all_stable", profile="all_stable"),
-            FlexiCacheMethod(name="quest", profile="all_unstable"),
+            Quest(),
             FlexiCacheMethod(name="flexicache_random_unstable", profile="random", seed=0),
             StreamingLLM(),
             SnapKV(),
+            DuoAttention(),
             OraclePages(),
             OraclePages(name="sketch_mass_pages", sketch_bits=2),
             OraclePages(name="oracle_pages_pooled", pool_heads=True),

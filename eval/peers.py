@@ -1,5 +1,7 @@
 """Baselines written for Transformers 5.x (kvpress pins transformers < 5.3): StreamingLLM and SnapKV
-(eviction), and the page-selection oracle (a ceiling, not a method anyone can run).
+(eviction), a DuoAttention-style split (retrieval heads full, streaming heads sink + window: `DuoLayer`),
+a reference Quest written from its paper (`quest_page_attention`, the check of the "quest" method), and
+the page-selection oracle (a ceiling, not a method anyone can run).
 
 Both are `transformers.Cache`s of `EvictionLayer`s. A layer keeps two parts per KV head:
 
@@ -323,4 +325,203 @@ def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None, sketc
     if prefill_kv is not None:
         for layer, (k, v) in zip(cache.layers, prefill_kv):
             DynamicLayer.update(layer, k, v)  # concatenation onto an empty tensor: a copy
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------
+# DuoAttention-style peer: retrieval heads keep everything, streaming heads sink + recent window
+# ---------------------------------------------------------------------------------------------------
+class DuoLayer(CacheLayerMixin):
+    """One layer of a DuoAttention-style cache (Xiao et al. 2024, arXiv 2410.10819): the retrieval heads
+    (here: the head profile's unstable heads) keep every token; each streaming head keeps its first
+    `n_sink` tokens and its newest `window - n_sink`, `window` tokens in all (fewer while the context is
+    shorter). Streaming heads evict *before* attending: a decode step appends the new token, drops the
+    oldest recent one and attends to exactly `window` tokens, so the bytes held never exceed `window`
+    tokens per streaming head, between steps or during one. Retrieval heads attend to the whole context.
+
+    A multi-token forward on an empty layer (a prefill through this cache) is exactly HF's sdpa over every
+    head; the streaming heads evict after it. Later multi-token forwards are not supported (the eval never
+    makes them). Needs attn_implementation="flexicache" (the attention is the layer's `attend`)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, retrieval_heads, num_kv_heads: int, window: int, n_sink: int = 64):
+        super().__init__()
+        if window < 2:
+            raise ValueError(f"window must be >= 2 tokens, got {window}")
+        self.retrieval = sorted(set(retrieval_heads))
+        self.streaming = [h for h in range(num_kv_heads) if h not in set(self.retrieval)]
+        self.num_kv_heads, self.window, self.n_sink = num_kv_heads, window, min(n_sink, window - 1)
+        self.length = 0
+        self.pending = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, _, _, D = key_states.shape
+        empty = lambda heads: key_states.new_zeros(B, len(heads), 0, D)  # noqa: E731
+        self.r_idx = torch.tensor(self.retrieval, dtype=torch.long, device=self.device)
+        self.s_idx = torch.tensor(self.streaming, dtype=torch.long, device=self.device)
+        self.rk, self.rv = empty(self.retrieval), empty(self.retrieval)  # [B, Hr, T, D]
+        self.sink_k, self.sink_v = empty(self.streaming), empty(self.streaming)  # [B, Hs, <= n_sink, D]
+        self.keys, self.values = empty(self.streaming), empty(self.streaming)  # the recent window [B, Hs, r, D]
+        self.is_initialized = True
+
+    def _append(self, key_states, value_states) -> None:
+        """Store new tokens; streaming heads then keep their sinks and the newest `window - n_sink`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k_r, v_r = key_states.index_select(1, self.r_idx), value_states.index_select(1, self.r_idx)
+        k_s, v_s = key_states.index_select(1, self.s_idx), value_states.index_select(1, self.s_idx)
+        self.rk, self.rv = torch.cat([self.rk, k_r], 2), torch.cat([self.rv, v_r], 2)
+        free = self.n_sink - self.sink_k.shape[2]  # sinks are the first tokens of the sequence
+        if free > 0:
+            self.sink_k, self.sink_v = torch.cat([self.sink_k, k_s[:, :, :free]], 2), torch.cat([self.sink_v, v_s[:, :, :free]], 2)
+            k_s, v_s = k_s[:, :, free:], v_s[:, :, free:]
+        cap = self.window - self.sink_k.shape[2]  # >= 1: n_sink < window
+        self.keys, self.values = torch.cat([self.keys, k_s], 2)[:, :, -cap:], torch.cat([self.values, v_s], 2)[:, :, -cap:]
+        self.length += key_states.shape[2]
+
+    def seed(self, keys, values) -> None:
+        """Start from an uncompressed prompt (the runner's shared prefill)."""
+        self._append(keys, values)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start, n = self.length, key_states.shape[2]
+        if n > 1 and start > 0:
+            raise NotImplementedError("DuoLayer: a multi-token forward on a non-empty cache (chunked prefill)")
+        self._append(key_states.detach(), value_states.detach())
+        self.pending = (key_states, value_states) if start == 0 else ()  # a prefill attends densely
+        return FlexiKV(self), FlexiKV(self)
+
+    def attend(self, module, query, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        pending, self.pending = self.pending, None
+        sdpa = lambda q, k, v, m: sdpa_attention_forward(  # noqa: E731
+            module, q, k, v, m, dropout=dropout, scaling=scaling, **kwargs)[0]
+        if pending:  # prefill: HF's sdpa over the whole prompt, every head
+            return sdpa(query, *pending, attention_mask), None
+        B, Hq, _, D = query.shape
+        G = Hq // self.num_kv_heads
+        out = query.new_empty(B, 1, Hq, D)
+        mask = attention_mask[..., -self.length:] if isinstance(attention_mask, torch.Tensor) else None
+        s, r = self.sink_k.shape[2], self.keys.shape[2]
+        s_mask = None if mask is None else torch.cat([mask[..., :s], mask[..., self.length - r:]], -1)
+        for idx, k, v, m in ((self.r_idx, self.rk, self.rv, mask),
+                             (self.s_idx, torch.cat([self.sink_k, self.keys], 2), torch.cat([self.sink_v, self.values], 2), s_mask)):
+            if len(idx):
+                q_heads = (idx.view(-1, 1) * G + torch.arange(G, device=idx.device)).view(-1)
+                out[:, :, q_heads] = sdpa(query.index_select(1, q_heads), k, v, m)
+        return out, None
+
+    def kept_tokens(self) -> tuple[int, int]:
+        """(tokens per retrieval head, tokens per streaming head) held now."""
+        return (self.rk.shape[2], self.sink_k.shape[2] + self.keys.shape[2]) if self.is_initialized else (0, 0)
+
+    def kv_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.rk, self.rv, self.sink_k, self.sink_v, self.keys, self.values))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length, self.pending, self.is_initialized = 0, None, False
+
+
+class DuoCache(Cache):
+    """A cache of `DuoLayer`s; `kv_bytes()` in total (everything it holds is on the accelerator)."""
+
+    def __init__(self, profile, window: int, n_sink: int = 64):
+        super().__init__(layers=[DuoLayer(profile.unstable_heads(l), profile.num_kv_heads, window, n_sink)
+                                 for l in range(profile.num_layers)])
+        self.profile, self.window = profile, window
+
+    def kv_bytes(self) -> int:
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+
+def duo_attention_cache(profile, window: int, n_sink: int = 64, prefill_kv=None) -> DuoCache:
+    """DuoAttention-style cache: the profile's unstable heads are retrieval heads (full context), the
+    others streaming heads (`n_sink` sinks + recent tokens, `window` in all); seeded with an uncompressed
+    prompt if given."""
+    cache = DuoCache(profile, window, n_sink)
+    if prefill_kv is not None:
+        for layer, (k, v) in zip(cache.layers, prefill_kv):
+            layer.seed(k, v)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quest, written from the paper: a reference for the "quest" method (FlexiCache, every head unstable)
+# ---------------------------------------------------------------------------------------------------
+def quest_page_attention(query, keys, values, scale: float, topk_pages: int, page_size: int, mask=None,
+                         return_pages: bool = False):
+    """Quest (Tang et al. 2024, arXiv 2406.10774) at one decode step, written here independently of
+    FlexiCache's code: every full page before the newest token's is summarised by the channel-wise min and
+    max of its keys; its score for a query q is the upper bound sum_d max(q_d kmin_d, q_d kmax_d) of q.k
+    over the page, the max over the query heads of the KV head's GQA group (Quest is per head; FlexiCache's
+    GQA rule); each KV head attends to its `topk_pages` best pages plus the page holding the newest token.
+    Padding (mask) is left out of the min/max and of attention; a page with no valid token is no candidate.
+
+    query [B, Hq, 1, D], keys/values [B, Hkv, T, D]; mask None or HF's sdpa mask [B, 1, 1, T]. Returns
+    attention [B, 1, Hq, D] (fp32 inside), and with return_pages also the chosen pages [B, Hkv, P] (bool).
+    """
+    B, Hq, _, D = query.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    G = Hq // Hkv
+    valid = torch.ones(B, T, dtype=torch.bool, device=keys.device)
+    if mask is not None:
+        m = mask[:, 0, -1, -T:]
+        valid = m if m.dtype == torch.bool else m == 0
+    current = (T - 1) // page_size  # the page of the newest token
+    full = current * page_size  # the candidates: every (full) page before it
+    q = query.float().view(B, Hkv, G, D)
+    k = keys[:, :, :full].float().view(B, Hkv, current, page_size, D)
+    v_ok = valid[:, :full].view(B, 1, current, page_size, 1)
+    kmin = k.masked_fill(~v_ok, float("inf")).amin(3)  # [B, Hkv, P, D]
+    kmax = k.masked_fill(~v_ok, float("-inf")).amax(3)
+    bound = torch.maximum(q[:, :, :, None] * kmax[:, :, None], q[:, :, :, None] * kmin[:, :, None]).sum(-1)
+    score = bound.amax(2).masked_fill(~v_ok.any(3)[:, :, :, 0], float("-inf"))  # [B, Hkv, P]
+    chosen = torch.zeros(B, Hkv, current + 1, dtype=torch.bool, device=keys.device)
+    chosen[..., current] = True
+    n = min(topk_pages, current)
+    if n:
+        top = score.topk(n, dim=-1)
+        chosen[..., :current].scatter_(-1, top.indices, ~torch.isneginf(top.values))
+    visible = chosen.repeat_interleave(page_size, dim=-1)[..., :T] & valid[:, None]  # [B, Hkv, T]
+    logits = torch.einsum("bhgd,bhtd->bhgt", q, keys.float()) * scale
+    probs = logits.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
+    out = torch.einsum("bhgt,bhtd->bhgd", probs, values.float()).reshape(B, 1, Hq, D).to(query.dtype)
+    return (out, chosen) if return_pages else out
+
+
+class QuestLayer(OracleLayer):
+    """Keeps every K/V (like DynamicCache); a one-token step attends through `quest_page_attention`, a
+    multi-token forward densely. `self.chosen` holds the last step's chosen pages [B, Hkv, P]."""
+
+    def attend(self, module, query, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if query.shape[2] > 1:
+            return super().attend(module, query, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        keys, values = self._kv
+        self._kv = None
+        scale = scaling if scaling is not None else module.scaling
+        out, self.chosen = quest_page_attention(query, keys, values, scale, self.topk_pages, self.page_size,
+                                                attention_mask, return_pages=True)
+        return out, None
+
+
+def quest_cache(config, topk_pages: int, page_size: int, prefill_kv=None) -> Cache:
+    """A cache of `QuestLayer`s (the reference Quest), seeded with an uncompressed prompt if given."""
+    cache = Cache(layers=[QuestLayer(topk_pages, page_size) for _ in range(_num_layers(config))])
+    if prefill_kv is not None:
+        for layer, (k, v) in zip(cache.layers, prefill_kv):
+            DynamicLayer.update(layer, k, v)
     return cache

@@ -13,6 +13,14 @@ examples), with real CPython text as the haystack where RULER uses essays:
 | vt | variable tracking: a chain of 5 assignments in noise text | 5 names | string_match_recall |
 | cwe | common-word extraction: 10 words x 30 (fewer below 4k tokens) among words x 3 (past ~7k tokens also hyphenated word pairs), numbered | 10 words | string_match_recall |
 | fwe | frequent-word extraction: Zipf-distributed coded words, top 3 asked | 3 words | string_match_recall |
+| niah_single_story | niah_single's needle in narrative prose generated from sentence templates | 1 number | string_match_recall |
+| niah_single_logs | the same in application log lines (timestamps, levels, components); the needle is a log line | 1 number | string_match_recall |
+| niah_single_csv | the same in a CSV sales table; the needle is a row whose free-text note holds it | 1 number | string_match_recall |
+
+The last three (FORMAT_TASKS) vary only the haystack, which text_sources generates from the sample's seed
+(no outside text; no number there has 7 digits, so the needle's value occurs once). `_niah(variant,
+haystack)` builds any needle variant (single, multikey, multivalue, multiquery) in any of HAYSTACKS.
+The presets run the ten CORE_TASKS; ALL_TASKS adds FORMAT_TASKS (`flexicache eval --tasks ...`).
 
 Question answering over long real text (extractive, one answer span each):
 
@@ -40,13 +48,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from flexicache_hf.eval.text_sources import WORDS, docs_corpus, docs_sections, stdlib_sources
+from flexicache_hf.eval.text_sources import (
+    CSV_CITIES, CSV_HEADER, CSV_PRODUCTS, CSV_STORES, LOG_COMPONENTS, STORY_NAMES, WORDS, csv_row, csv_rows,
+    docs_corpus, docs_sections, log_lines, stdlib_sources, story_text,
+)
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 RULER_TASKS = ("niah_single", "niah_single_docs", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 QA_TASKS = ("qa_code", "qa_docs")
-ALL_TASKS = RULER_TASKS + QA_TASKS
+CORE_TASKS = RULER_TASKS + QA_TASKS  # the ten tasks of the presets and of docs/accuracy.md's retention
+# niah_single's needle in procedurally generated haystacks (text_sources: story_text, log_lines, csv_rows)
+FORMAT_TASKS = ("niah_single_story", "niah_single_logs", "niah_single_csv")
+ALL_TASKS = CORE_TASKS + FORMAT_TASKS
 
 
 @dataclass
@@ -113,15 +127,14 @@ NEEDLE = "One of the special magic numbers for {key} is: {value}."
 
 
 def _niah(variant: str, haystack_kind: str = "docs", n_needles: int = 4) -> Callable:
+    if haystack_kind not in HAYSTACKS:
+        raise ValueError(f"unknown haystack {haystack_kind!r}; known: {', '.join(HAYSTACKS)}")
+
     def build(size: int, rng: random.Random, index: int) -> Body:
         r = random.Random(rng.random())  # same needles for every size of this sample
         keys = _distinct(r, WORDS, n_needles)
         values = [_number(r) for _ in range(n_needles)]
         order = r.randrange(1 << 30)
-        if haystack_kind == "noise":
-            haystack = " ".join([NOISE] * max(1, size // (len(NOISE) + 1)))
-        else:
-            haystack = _cut_at_boundary(docs_corpus(order_seed=order), size)
         d0 = _golden_depth(index)
         if variant == "single":
             needles, depths = [NEEDLE.format(key=keys[0], value=values[0])], [d0]
@@ -139,7 +152,7 @@ def _niah(variant: str, haystack_kind: str = "docs", n_needles: int = 4) -> Call
                 query, answers = ", ".join(keys[:-1]) + " and " + keys[-1], values
         plural = variant in ("multivalue", "multiquery")
         fields = dict(kind="numbers", kind_q="numbers" if plural else "number", verb="are" if plural else "is", query=query)
-        context = _insert_at_depths(haystack, needles, depths)
+        context = HAYSTACKS[haystack_kind](size, order, needles, depths, random.Random(order))
         return Body(
             NIAH_TEMPLATE.format(context=context, **fields),
             NIAH_PREFIX.format(**fields),
@@ -148,6 +161,65 @@ def _niah(variant: str, haystack_kind: str = "docs", n_needles: int = 4) -> Call
         )
 
     return build
+
+
+# ---------------------------------------------------------------------------------------------------
+# haystacks of the needle tasks: (size in characters, seed, needles, depths, rng) -> context
+# ---------------------------------------------------------------------------------------------------
+def _noise_haystack(size, order, needles, depths, r) -> str:
+    return _insert_at_depths(" ".join([NOISE] * max(1, size // (len(NOISE) + 1))), needles, depths)
+
+
+def _docs_haystack(size, order, needles, depths, r) -> str:
+    return _insert_at_depths(_cut_at_boundary(docs_corpus(order_seed=order), size), needles, depths)
+
+
+def _story_haystack(size, order, needles, depths, r) -> str:
+    """Narrative prose from templates (text_sources.story_text); the needle is one more sentence."""
+    return _insert_at_depths(story_text(order, size), needles, depths)
+
+
+def _insert_lines(lines: list[str], depths: list[float], render: Callable[[str | None, str], str], items) -> list[str]:
+    """Each item rendered as a line (render(previous line, item)) and put before line int(depth * n)."""
+    spots = sorted(((min(len(lines), int(len(lines) * d)), i) for i, d in enumerate(depths)))
+    out, last = [], 0
+    for at, i in spots:
+        out += lines[last:at]
+        out.append(render(out[-1] if out else None, items[i]))
+        last = at
+    return out + lines[last:]
+
+
+def _log_haystack(size, order, needles, depths, r) -> str:
+    """Application log lines (text_sources.log_lines); a needle is an INFO line whose message is the
+    needle sentence, stamped with the time of the line before it."""
+    lines = log_lines(order, size)
+
+    def render(prev, needle):
+        stamp = prev[:23] if prev else lines[0][:23]
+        return f"{stamp} INFO  [{r.choice(LOG_COMPONENTS)}] {needle}"
+
+    return "\n".join(_insert_lines(lines, depths, render, needles))
+
+
+def _csv_haystack(size, order, needles, depths, r) -> str:
+    """A sales table in CSV (text_sources.csv_rows, with its header); a needle is a row whose note is the
+    needle sentence, dated like the row before it."""
+    import datetime
+
+    rows = csv_rows(order, max(1, size - len(CSV_HEADER) - 1))
+
+    def render(prev, needle):
+        t = datetime.datetime.strptime(",".join((prev or rows[0]).split(",")[:2]), "%Y-%m-%d,%H:%M")
+        product, price = r.choice(CSV_PRODUCTS)
+        customer = f"{r.choice(STORY_NAMES)} {r.choice('ABCDEFGHIJKLMNOPRSTVW')}."
+        return csv_row(t, r.choice(CSV_STORES), r.choice(CSV_CITIES), product, r.randint(1, 12), price, customer, needle)
+
+    return CSV_HEADER + "\n" + "\n".join(_insert_lines(rows, depths, render, needles))
+
+
+HAYSTACKS: dict[str, Callable] = {"noise": _noise_haystack, "docs": _docs_haystack, "story": _story_haystack,
+                                  "logs": _log_haystack, "csv": _csv_haystack}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,6 +486,9 @@ TASKS: dict[str, TaskSpec] = {
     "fwe": TaskSpec("fwe", _fwe, "string_match_recall", 40, 2.4),
     "qa_code": TaskSpec("qa_code", _qa_code, "contains_match", 24, 3.2),
     "qa_docs": TaskSpec("qa_docs", _qa_docs, "contains_match", 32, 4.0),
+    "niah_single_story": TaskSpec("niah_single_story", _niah("single", "story"), "string_match_recall", 24, 4.3),
+    "niah_single_logs": TaskSpec("niah_single_logs", _niah("single", "logs"), "string_match_recall", 24, 2.6),
+    "niah_single_csv": TaskSpec("niah_single_csv", _niah("single", "csv"), "string_match_recall", 24, 2.6),
 }
 
 

@@ -83,6 +83,18 @@ def qa_docs(**kw):
     return _dataset("qa_docs", **kw)
 
 
+def niah_single_story(**kw):
+    return _dataset("niah_single_story", **kw)
+
+
+def niah_single_logs(**kw):
+    return _dataset("niah_single_logs", **kw)
+
+
+def niah_single_csv(**kw):
+    return _dataset("niah_single_csv", **kw)
+
+
 def process_results(doc, results):
     """Score with the repo's metric functions (the same code as the evaluate modules in eval/metrics)."""
     import importlib.util
