@@ -59,6 +59,7 @@ def test_backward_through_the_cache_says_it_is_inference_only():
         out.logits.sum().backward()
 
 
+# hybrid models (full and sliding layers) at full budget: test_generate.py, the qwen2-hybrid cases
 def test_sliding_window_layers_stay_dense_within_their_window():
     """Mistral with a 24-token window, generating far beyond it: tokens equal dense sdpa's, nothing raises."""
     ref, fc = tiny_pair("mistral", sliding_window=24, dtype=torch.float64)
@@ -71,25 +72,6 @@ def test_sliding_window_layers_stay_dense_within_their_window():
     assert all(layer.is_sliding for layer in cache.layers)
     with pytest.raises(ValueError, match="sliding-window layer: it keeps only its last 24 tokens"):
         cache.full_kv(0)
-
-
-def test_hybrid_models_page_full_layers_and_keep_sliding_layers_dense():
-    """Alternating full / sliding layers (as Gemma 2/3 and Qwen with sliding layers): at a budget that covers
-    the context the output equals dense; the full layers are paged and lose nothing."""
-    ref, fc = tiny_pair("qwen2", layers=4, dtype=torch.float64, sliding_window=16, use_sliding_window=True,
-                        layer_types=["full_attention", "sliding_attention"] * 2)
-    ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(4))
-    a = ref.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
-    cache = FlexiCache(fc.config, profile=HeadProfile(4, 2, [(0, 0)]), topk_pages=64, page_size=4)
-    rec = Recorder(cache)
-    b = fc.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, **cache_kwargs(cache))
-    assert torch.equal(a, b)
-    assert [layer.is_sliding for layer in cache.layers] == [False, True, False, True]
-    for i in (0, 2):
-        k, v = rec.kv(i)
-        fk, fv = cache.full_kv(i)
-        assert torch.equal(k, fk) and torch.equal(v, fv)
-    assert cache.memory_report()["host_kv_bytes"] > 0
 
 
 def test_reset_restarts_calibration_for_a_new_request():

