@@ -9,6 +9,7 @@ import torch
 from conftest import Recorder, make_cache, tiny_pair
 from flexicache_hf import FlexiCacheConfig, FlexiCacheLayer, ops
 from flexicache_hf.compat import cache_kwargs
+from flexicache_hf.config import DEFAULT_SKETCH_BITS
 from flexicache_hf.decode import SCORERS, DecodeFlags, MinMaxBound, SketchMass, SketchMax, decode_step
 from flexicache_hf.memory import LayerMemory
 
@@ -43,7 +44,7 @@ def test_scorers_are_small_frozen_values():
 
 
 def test_the_config_shorthand_builds_the_scorer():
-    assert FlexiCacheConfig().scorer == MinMaxBound(1.0)
+    assert FlexiCacheConfig().scorer == (SketchMass(DEFAULT_SKETCH_BITS) if DEFAULT_SKETCH_BITS else MinMaxBound(1.0))
     assert FlexiCacheConfig(score_spread=0.5).scorer == MinMaxBound(0.5)
     assert FlexiCacheConfig(sketch_bits=1, sketch_score="max").scorer == SketchMax(1)
     assert FlexiCacheConfig(sketch_bits=4).scorer == SketchMass(4)

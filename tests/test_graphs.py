@@ -91,11 +91,14 @@ def _assert_same_kv(cache, reference):
 
 @cuda
 def test_graphs_survive_buffer_growth():
-    """Decoding past the reserved capacity grows the buffers eagerly; stale graphs are dropped, not replayed."""
+    """Decoding past the reserved capacity grows the buffers eagerly; stale graphs are dropped, not replayed.
+    Headroom 8 pages: the buffers grow twice in 60 steps, and between growths each step kind is seen, captured
+    and replayed (a graph is replayed from its third step of a kind with the same buffers; with 2 pages the
+    buffers and the host pool, which grow by an eighth or the headroom, were replaced too often for any replay)."""
     _, fc = tiny_pair("llama", 6, 2, 32, layers=2)
     fc = fc.cuda()
     ids, mask = _batch("cuda", lengths=(40, 33))
-    knobs = dict(topk_pages=2, page_size=4, rerank_interval=2, host_headroom_pages=2, use_kernels=True)
+    knobs = dict(topk_pages=2, page_size=4, rerank_interval=2, host_headroom_pages=8, use_kernels=True)
     eager_cache = make_cache(fc, **knobs)
     eager = _generate(fc, eager_cache, ids, mask, 60)
     out, cache = _with_graphs(fc, knobs, ids, mask, 60)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from flexicache_hf import FlexiCache, HeadProfile
+from flexicache_hf import FlexiCache
 from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.demo import passkey_prompt
 
