@@ -147,10 +147,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[dict, list[dict]]
         runs = [(m, job["method_budgets"].get(m.name, job["budgets"])) for m in methods("--methods", job["methods"])]
         if job["fidelity"]:
             runs += [(m, job["fidelity"]["budgets"]) for m in methods("--fidelity-methods", job["fidelity"]["methods"])]
-        # FlexiCache and the page oracles attend to whole pages: their budgets must be whole pages
+        # FlexiCache, the page oracles and the Duo peer (sized in FlexiCache pages) need budgets in whole pages
         for m, budgets in runs:
             for b in budgets:
-                if isinstance(m, (M.FlexiCacheMethod, M.OraclePages)) and b is not None and b % args.page_size:
+                if isinstance(m, (M.FlexiCacheMethod, M.OraclePages, M.DuoAttention)) and b is not None and b % args.page_size:
                     parser.error(f"budget {b} of {m.name} is not a multiple of --page-size {args.page_size}: "
                                  "give budgets in whole pages, or another --page-size")
     return preset, jobs
