@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import Recorder, make_cache, profile_for, tiny_pair
 from flexicache_hf import FlexiCacheLayer, HeadProfile, disable_cuda_graphs, enable_cuda_graphs
-from flexicache_hf.compat import cache_kwargs
+from flexicache_hf.compat import CACHE_KWARG, cache_kwargs
 
 F64 = torch.float64
 NEW = 64
@@ -379,3 +379,17 @@ def test_chunked_prefill_generate_with_max_cache_len_never_grows():
     assert torch.equal(chunked, whole)
     assert rec.all_exact()
     assert all(layer.memory.version == 0 for layer in cache.layers)  # no buffer was replaced
+
+
+def test_the_old_cache_keyword_is_an_error_under_pytest():
+    """pyproject's filterwarnings turns transformers' deprecation of past_key_values= (from 5.24) into an error, so
+    neither our code nor a test can use the old name unnoticed; before 5.24 it is the keyword, and passes."""
+    _, fc = tiny_pair()
+    ids = _ids(1, 8, 0)
+    if CACHE_KWARG == "cache":
+        with pytest.raises(FutureWarning, match="past_key_values` is deprecated"):
+            fc.generate(ids, max_new_tokens=2, past_key_values=make_cache(fc))
+        with pytest.raises(FutureWarning, match="past_key_values` is deprecated"), torch.no_grad():
+            fc(ids, past_key_values=make_cache(fc), use_cache=True)
+    else:
+        fc.generate(ids, max_new_tokens=2, past_key_values=make_cache(fc))
