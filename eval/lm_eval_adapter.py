@@ -18,9 +18,9 @@ lm-eval has no plugin entry point for models, so the registration happens when t
 
 model_args: pretrained (smollm2 | qwen-coder-0.5b | a local HF folder), method (any name of
 flexicache_hf.eval.methods: dense, flexicache, flexicache_no_rerank, flexicache_all_stable, quest,
-flexicache_random_unstable, streamingllm, snapkv), budget (tokens per KV head, or "full"), page_size,
-sketch_bits (FlexiCache methods score pages by per-token key sketches of that many bits; 0: the MinMax
-bound), sketch_score (mass | max: how the sketches rank pages), profile (a profile JSON; default the shipped one), dtype, threads, plus HFLM's own (max_length, ...).
+flexicache_random_unstable, streamingllm, snapkv, duo_attention), budget (tokens per KV head, or "full"), page_size,
+sketch_bits (FlexiCache methods score pages by per-token key sketches of that many bits; default 2, the
+cache's default; 0: the MinMax bound), sketch_score (mass | max: how the sketches rank pages), profile (a profile JSON; default the shipped one), dtype, threads, plus HFLM's own (max_length, ...).
 The device comes from lm_eval's --device (or `device=` in model_args when calling simple_evaluate
 without one), as for its "hf" model. Only generate_until requests use the method's cache (greedy; one row at a time, the
 prefill shared the way the harness's runner does it); loglikelihood requests are full forwards, which are
@@ -35,6 +35,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+
+from flexicache_hf.config import DEFAULT_SKETCH_BITS
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
 MODEL_NAME = "flexicache"
@@ -60,7 +62,7 @@ def _define():
 
         def __init__(self, pretrained: str = "smollm2", method: str = "flexicache", budget="1024", page_size: int = 16,
                      profile: str | None = None, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
-                     max_new_tokens_full: int = 256, sketch_bits: int = 0, sketch_score: str = "mass",
+                     max_new_tokens_full: int = 256, sketch_bits: int = DEFAULT_SKETCH_BITS, sketch_score: str = "mass",
                      **kwargs):
             if threads:
                 torch.set_num_threads(int(threads))

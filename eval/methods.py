@@ -177,9 +177,9 @@ class Quest(FlexiCacheMethod):
     heads); its GPU bytes are the whole context, as Quest's are: `memory_report()["gpu_kv_bytes"]` (what
     results.json records) is every K/V of every head, the dense cache's bytes, plus the page metadata
     (reported apart). `peers.quest_page_attention` is Quest written from the paper, independently of
-    FlexiCache's code; tests/test_peers_duo_quest.py checks that both select the same pages. With
-    --sketch-bits it is renamed quest_sketch<b>... like every FlexiCache method: pages ranked by key
-    sketches, no longer Quest's bound."""
+    FlexiCache's code; tests/test_peers_duo_quest.py checks that both select the same pages. It always
+    ranks by Quest's bound (--sketch-bits and --score-spread leave it alone); "flexicache_all_unstable" is the
+    same policy with FlexiCache's scorer (earlier runs' quest_sketch<b> results are that method)."""
 
     name: str = "quest"
     profile: str = "all_unstable"
@@ -283,6 +283,7 @@ def registry() -> dict[str, Method]:
             FlexiCacheMethod(name="flexicache_no_rerank", rerank_interval=None),
             FlexiCacheMethod(name="flexicache_all_stable", profile="all_stable"),
             Quest(),
+            FlexiCacheMethod(name="flexicache_all_unstable", profile="all_unstable"),
             FlexiCacheMethod(name="flexicache_random_unstable", profile="random", seed=0),
             StreamingLLM(),
             SnapKV(),
@@ -298,16 +299,17 @@ METHOD_NAMES = tuple(registry())
 
 
 def get_methods(names, score_spread: float = 1.0, sketch_bits: int = 0, sketch_score: str = "mass") -> list[Method]:
-    """The methods by name. With score_spread != 1 (or sketch_bits > 0) every FlexiCache method uses it
-    and is renamed `<name>_spread<x>` (`<name>_sketch<b>mass` ranking pages by predicted mass, the default,
-    `<name>_sketch<b>` by the best sketched q.k), so its results never mix with the MinMax bound's in a
-    resumed results.json."""
+    """The methods by name. With score_spread != 1 (or sketch_bits > 0) every FlexiCache method but Quest (the
+    paper's peer: its bound) uses it and is renamed `<name>_spread<x>` (`<name>_sketch<b>mass` ranking pages
+    by predicted mass, `<name>_sketch<b>` by the best sketched q.k), so a name always says its scorer and
+    results never mix in a resumed results.json. The command line passes the cache's default scorer
+    (--sketch-bits 2): "flexicache_sketch2mass"; "flexicache" is the MinMax bound (--sketch-bits 0)."""
     reg = registry()
     unknown = [n for n in names if n not in reg]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(reg)}")
     out = [reg[n] for n in names]
-    for m in (m for m in out if isinstance(m, FlexiCacheMethod)):
+    for m in (m for m in out if isinstance(m, FlexiCacheMethod) and not isinstance(m, Quest)):
         if score_spread != 1.0:
             m.score_spread, m.name = score_spread, f"{m.name}_spread{score_spread:g}"
         if sketch_bits:

@@ -13,7 +13,7 @@ SKETCH_SCORES = ("mass", "max")
 # The default scorer: 2-bit key sketches ranked by the attention mass they predict (docs/method.md, "Key
 # sketches"). The paper's MinMax bound alone (sketch_bits=0, or scorer=MinMaxBound()) keeps far less of
 # dense's accuracy on the small models we can run (docs/accuracy.md).
-DEFAULT_SKETCH_BITS = 0  # flipped to 2 in the next commit (issue 20)
+DEFAULT_SKETCH_BITS = 2
 # Upper bounds of the knobs (tokens per sequence: 16M; pages of 256 tokens; a rerank at least every 4096 steps)
 MAX_TOKENS = 1 << 24
 MAX_PAGES = MAX_TOKENS

@@ -55,12 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=positive_int, default=3000, help="prompt length in tokens")
     ap.add_argument("--depth", type=_fraction, default=0.35, help="where the pass key sits, 0 = start, 1 = end")
     ap.add_argument("--topk-pages", type=int, default=16, help="FlexiCache budget in pages")
-    # 8-token pages: on this 135M model the MinMax bound of 16-token pages is too loose to find the key
-    # at a 16-page budget (0/3 in our runs), 8-token pages find it (3/3); see docs/accuracy.md
-    ap.add_argument("--page-size", type=int, default=8)
+    ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--rerank-interval", type=int, default=16)
-    ap.add_argument("--sketch-bits", type=int, default=0, choices=SKETCH_BITS,
-                    help="score pages by per-token key sketches of this many bits (0: the MinMax bound, the paper's)")
+    ap.add_argument("--sketch-bits", type=int, default=None, choices=SKETCH_BITS,
+                    help="score pages by per-token key sketches of this many bits (default: the cache's, 2; "
+                         "0: the paper's MinMax bound)")
     ap.add_argument("--sketch-score", default="mass", choices=SKETCH_SCORES,
                     help="with --sketch-bits: rank pages by predicted attention mass (default) or best q.k")
     ap.add_argument("--new-tokens", type=positive_int, default=16)
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     # the cache's own rules, checked now rather than after the model loaded and the dense run finished
     knobs = dict(page_size=args.page_size, topk_pages=args.topk_pages, rerank_interval=args.rerank_interval,
-                 sketch_bits=args.sketch_bits, sketch_score=args.sketch_score)
+                 sketch_bits=args.sketch_bits, sketch_score=args.sketch_score)  # sketch_bits None: the default scorer
     check_knobs(ap, **knobs)
     if args.profile is not None:
         args.profile = load_profile(ap, args.profile)

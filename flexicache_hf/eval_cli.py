@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from flexicache_hf.cli import available_device, check_knobs, csv_of, load_profile, positive_int
-from flexicache_hf.config import SKETCH_BITS, SKETCH_SCORES
+from flexicache_hf.config import DEFAULT_SKETCH_BITS, SKETCH_BITS, SKETCH_SCORES
 
 FIDELITY_KINDS = ("docs", "code")  # the texts of runner.fidelity_text
 
@@ -68,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="head profile JSON (default: the shipped one of the model)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--score-spread", type=float, default=1.0,
-                   help="FlexiCache page scores q.c + x |q|.r (1.0, the default: the MinMax bound); methods get a _spread<x> suffix")
-    p.add_argument("--sketch-bits", type=int, default=0, choices=SKETCH_BITS,
-                   help="FlexiCache pages scored by a per-token key sketch of this many bits per channel "
-                        "(0, the default: the MinMax bound); methods get a _sketch<b>mass suffix (_sketch<b> with --sketch-score max)")
+                   help="with --sketch-bits 0: MinMax page scores q.c + x |q|.r (1.0: the bound); methods get a _spread<x> suffix")
+    p.add_argument("--sketch-bits", type=int, default=DEFAULT_SKETCH_BITS, choices=SKETCH_BITS,
+                   help="FlexiCache pages scored by a per-token key sketch of this many bits per channel (default 2, "
+                        "the cache's default; 0: the paper's MinMax bound); methods get a _sketch<b>mass suffix "
+                        "(_sketch<b> with --sketch-score max)")
     p.add_argument("--sketch-score", default="mass", choices=SKETCH_SCORES,
                    help="with --sketch-bits: rank pages by the attention mass the sketches predict (default) or by the best sketched q.k")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated tasks and texts")

@@ -63,11 +63,16 @@ def test_auto_unstable_count_above_the_heads_fails_at_construction():
     FlexiCache(fc.config, profile="auto", auto_unstable=4)
 
 
-def test_config_defaults_are_the_papers():
+def test_config_defaults():
+    """The paper's page size, budget and rerank interval; the scorer that keeps accuracy on every real model we
+    run (2-bit key sketches ranked by predicted mass); the paper's MinMax bound by name."""
+    from flexicache_hf import MinMaxBound, SketchMass
+
     c = FlexiCacheConfig()
     assert (c.page_size, c.topk_pages, c.rerank_interval) == (16, 64, 16)
-    assert c.score_spread == 1.0 and c.sketch_bits == 0  # Quest's MinMax bound, no key sketch
+    assert c.scorer == SketchMass(2) and c.sketch_bits == 2
     assert c.resident_slots == 64 + 1 + 1
+    assert FlexiCacheConfig(sketch_bits=0).scorer == MinMaxBound() == FlexiCacheConfig(scorer="minmax").scorer
 
 
 def test_profile_mismatch_names_the_shapes():

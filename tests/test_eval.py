@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import profile_for, tiny_pair
+from flexicache_hf import MinMaxBound
 from flexicache_hf.compat import cache_kwargs
+from flexicache_hf.config import DEFAULT_SKETCH_BITS
 from flexicache_hf.eval import methods as M
 from flexicache_hf.eval import peers, runner, tasks
 
@@ -269,19 +271,20 @@ def test_ablation_profiles(tiny):
     with pytest.raises(ValueError):
         ctx.topk_pages(30, 100)  # not a page multiple
     assert set(M.METHOD_NAMES) == {
-        "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest",
+        "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest", "flexicache_all_unstable",
         "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages", "sketch_mass_pages",
         "oracle_pages_pooled", "duo_attention",
     }
     spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
-    assert [m.name for m in spread] == ["flexicache_spread0.5", "quest_spread0.5", "oracle_pages", "snapkv"]
+    assert [m.name for m in spread] == ["flexicache_spread0.5", "quest", "oracle_pages", "snapkv"]  # Quest: its bound
     assert spread[0].score_spread == 0.5 and spread[0].empty_cache(ctx, 64, 100).config.score_spread == 0.5
     sketch = M.get_methods(["flexicache", "oracle_pages"], sketch_bits=2)
     assert [m.name for m in sketch] == ["flexicache_sketch2mass", "oracle_pages"]
     cfg = sketch[0].empty_cache(ctx, 64, 100).config
     assert cfg.sketch_bits == 2 and cfg.sketch_score == "mass"
-    best_qk = M.get_methods(["quest"], sketch_bits=1, sketch_score="max")[0]  # the name earlier results carry
-    assert best_qk.name == "quest_sketch1" and best_qk.empty_cache(ctx, 64, 100).config.sketch_score == "max"
+    best_qk = M.get_methods(["flexicache_all_unstable"], sketch_bits=1, sketch_score="max")[0]
+    assert best_qk.name == "flexicache_all_unstable_sketch1" and best_qk.empty_cache(ctx, 64, 100).config.sketch_score == "max"
+    assert M.get_methods(["quest"], sketch_bits=2)[0].empty_cache(ctx, 64, 100).config.scorer == MinMaxBound()
 
 
 def test_small_budget_differs_from_dense(tiny):
@@ -348,6 +351,7 @@ def test_ci_preset(smollm2, tmp_path):
     from flexicache_hf.eval.presets import CI_TASKS
 
     threads = torch.get_num_threads()
+    fc = M.get_methods(["flexicache"], sketch_bits=DEFAULT_SKETCH_BITS)[0].name  # the default scorer's name
     try:
         assert eval_cli.main(["--preset", "ci", "--out", str(tmp_path), "--quiet", "--threads", str(threads)]) == 0
         data = json.loads((tmp_path / "results.json").read_text())
@@ -356,21 +360,21 @@ def test_ci_preset(smollm2, tmp_path):
         for task in CI_TASKS:
             dense = recs[(task, "dense", "full")]
             assert dense["score"] == 1.0, (task, dense["prediction"], dense["answers"])
-            assert recs[(task, "flexicache", "full")]["tokens"] == dense["tokens"], task
-            assert recs[(task, "flexicache", "full")]["prediction"] == dense["prediction"]
-            for m in ("flexicache", "streamingllm", "snapkv"):
+            assert recs[(task, fc, "full")]["tokens"] == dense["tokens"], task
+            assert recs[(task, fc, "full")]["prediction"] == dense["prediction"]
+            for m in (fc, "streamingllm", "snapkv"):
                 assert (task, m, "256") in recs
         # budgets are real: at 256 tokens the peers keep 256 - 1 tokens per head after the prompt
         r = recs[(CI_TASKS[0], "streamingllm", "256")]
         assert r["kv_bytes_after_prefill"] == 30 * 3 * 255 * 64 * 4 * 2
         fid = {(f["method"], runner.budget_key(f["budget"])): f for f in data["fidelity"]}
-        assert fid[("flexicache", "full")]["top1_agreement"] == 1.0
-        assert fid[("flexicache", "full")]["mean_kl"] < 1e-6
+        assert fid[(fc, "full")]["top1_agreement"] == 1.0
+        assert fid[(fc, "full")]["mean_kl"] < 1e-6
         # fp32 rounding only: selected pages are attended best first, dense sums them in context order
-        assert fid[("flexicache", "full")]["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
-        assert fid[("flexicache", "256")]["mean_kl"] > 0  # 256 of ~536 tokens: not dense any more
+        assert fid[(fc, "full")]["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert fid[(fc, "256")]["mean_kl"] > 0  # 256 of ~536 tokens: not dense any more
         assert (tmp_path / "report.md").exists() and (tmp_path / "score_vs_budget.png").exists()
-        assert "| flexicache |" in (tmp_path / "report.md").read_text()
+        assert f"| {fc} |" in (tmp_path / "report.md").read_text()
         n = len(data["records"])
         assert eval_cli.main(["--preset", "ci", "--out", str(tmp_path), "--quiet", "--no-fidelity"]) == 0
         data2 = json.loads((tmp_path / "results.json").read_text())
@@ -402,7 +406,8 @@ def test_lm_eval_model_type(smollm2):
     ids = tok(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
     prefill = runner.run_prefill(model, ids)
     ctx = M.Context(model, runner.resolve_profile(model, tok), max_new_tokens=row["max_new_tokens"])
-    cache, first = runner.method_cache(M.get_methods(["flexicache"])[0], ctx, 256, prefill, model)
+    method = M.get_methods(["flexicache"], sketch_bits=DEFAULT_SKETCH_BITS)[0]  # the adapter passes the default scorer
+    cache, first = runner.method_cache(method, ctx, 256, prefill, model)
     toks = runner.greedy_decode(model, cache, first, prefill.length, row["max_new_tokens"], runner.eos_ids(model, tok))
     assert response == tok.decode(toks, skip_special_tokens=True)
     assert res["results"]["flexicache_qa_code"]["score,none"] == runner.score(runner.load_metrics(), "contains_match", response, row["answers"])

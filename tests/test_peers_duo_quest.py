@@ -66,8 +66,8 @@ def test_registered_and_in_the_presets():
     quest = reg["quest"]
     assert isinstance(quest, M.FlexiCacheMethod) and quest.profile == "all_unstable" and quest.sketch_bits == 0
     assert [m.name for m in M.get_methods(["duo_attention", "quest"])] == ["duo_attention", "quest"]
-    # --sketch-bits renames FlexiCache methods (quest among them: it is FlexiCache), never the eviction peers
-    assert [m.name for m in M.get_methods(["duo_attention", "quest"], sketch_bits=2)] == ["duo_attention", "quest_sketch2mass"]
+    # --sketch-bits renames FlexiCache's methods, never the peers: Quest keeps the paper's bound
+    assert [m.name for m in M.get_methods(["duo_attention", "quest"], sketch_bits=2)] == ["duo_attention", "quest"]
     for name in ("cpu", "full"):
         for job in presets.get_preset(name)["jobs"]:
             assert {"duo_attention", "quest", "snapkv", "streamingllm"} <= set(job["methods"])
