@@ -173,8 +173,8 @@ def _window_report(layer) -> dict:
     report = dict.fromkeys(MEMORY_KEYS, 0)
     if layer.is_initialized and layer.keys is not None and layer.keys.numel():
         held = layer.keys.nbytes + layer.values.nbytes
-        report.update(gpu_kv_bytes=held, unstable_gpu_kv_bytes=held, gpu_reserved_bytes=held,
-                      dense_kv_bytes=held * layer.get_seq_length() // max(layer.keys.shape[2], 1))
+        # a DynamicCache built from the config holds the same window on this layer
+        report.update(gpu_kv_bytes=held, unstable_gpu_kv_bytes=held, gpu_reserved_bytes=held, dense_kv_bytes=held)
     return report
 
 
