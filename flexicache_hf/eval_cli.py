@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexicache eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="ci", help="ci | cpu | full (default ci)")
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
-    p.add_argument("--model", default=None, help="smollm2 | qwen-coder-0.5b | a local HF folder: run only this model")
+    p.add_argument("--model", default=None, help="smollm2 | qwen-coder-0.5b | qwen-coder-1.5b | a local HF folder: run only this model")
     p.add_argument("--tasks", type=csv_of(str), default=None, help="comma-separated task names (see flexicache_hf.eval.tasks)")
     p.add_argument("--lengths", type=csv_of(positive_int), default=None, help="prompt lengths in tokens, e.g. 4096,8192")
     p.add_argument("--samples", type=positive_int, default=None, help="samples per task and length")

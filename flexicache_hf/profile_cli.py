@@ -38,7 +38,7 @@ def _count_or_fraction(text: str) -> int | float:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="flexicache profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="smollm2 | qwen-coder-0.5b | a local HF folder or hub id")
+    p.add_argument("--model", required=True, help="smollm2 | qwen-coder-0.5b | qwen-coder-1.5b | a local HF folder or hub id")
     p.add_argument("--samples", type=int, default=4, help="prompts (text windows) to profile on (default 4)")
     p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length in tokens (default 2048)")
     p.add_argument("--decode-steps", type=int, default=128, help="decode steps recorded per sample (default 128)")
