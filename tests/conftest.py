@@ -86,3 +86,22 @@ def smollm2():
 @pytest.fixture
 def greedy():
     return dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decode is latency-bound: on a shared 2-core machine one thread is several times faster than two
+    fighting other processes (MACHINES.md); restored afterwards. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The eval tests' FlexiCache-loaded tiny Llama (seed 3) and a 70-token prompt."""
+    _, fc = tiny_pair("llama", heads=6, kv_heads=2, head_dim=32, layers=2, seed=3)
+    torch.manual_seed(1)
+    return fc, torch.randint(1, 256, (1, 70))

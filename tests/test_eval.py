@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import profile_for, tiny_pair
+from conftest import profile_for
 from flexicache_hf import MinMaxBound
 from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.config import DEFAULT_SKETCH_BITS
@@ -39,22 +39,7 @@ def _decode_logits(model, cache, prefill, steps, tokens=None):
     return torch.cat(out)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decode is latency-bound: on a shared 2-core machine one thread is several times faster than two
-    fighting other processes (MACHINES.md); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    ref, fc = tiny_pair("llama", heads=6, kv_heads=2, head_dim=32, layers=2, seed=3)
-    torch.manual_seed(1)
-    ids = torch.randint(1, 256, (1, 70))
-    return fc, ids
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,19 +15,7 @@ from flexicache_hf.eval import peers, presets, runner
 PS = 4  # page size of the tiny tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    _, fc = tiny_pair("llama", heads=6, kv_heads=2, head_dim=32, layers=2, seed=3)
-    torch.manual_seed(1)
-    return fc, torch.randint(1, 256, (1, 70))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
