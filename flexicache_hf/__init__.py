@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from flexicache_hf.cache import FlexiCache
 from flexicache_hf.config import FlexiCacheConfig
-from flexicache_hf.decode import MinMaxBound, SketchMass, SketchMax
+from flexicache_hf.scorers import MinMaxBound, SketchMass, SketchMax
 from flexicache_hf.layer import FlexiCacheLayer
 from flexicache_hf.layer import register as _register
 from flexicache_hf.graphs import disable_cuda_graphs, enable_cuda_graphs

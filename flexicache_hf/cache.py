@@ -102,6 +102,18 @@ class FlexiCache(Cache):
         super().reset()
         self._start_calibration()
 
+    def record_selections(self, recorder=None):
+        """Record the pages every head selects from the next decode step on (a recorder.SelectionRecorder,
+        made if none is given; returned). Recording needs the Python side of each step: recorded steps run
+        eagerly (no graph replay). `record_selections(False)` stops it."""
+        if recorder is None:
+            from flexicache_hf.recorder import SelectionRecorder
+
+            recorder = SelectionRecorder(self.config.page_size)
+        for layer in self.flexi_layers:
+            layer.recorder = recorder or None
+        return recorder
+
     def graph_state(self) -> GraphState | None:
         """The state a captured decode step depends on, or None when the next step must run eagerly."""
         if self.calibration is not None and self.calibration.active:

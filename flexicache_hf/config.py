@@ -45,7 +45,7 @@ class FlexiCacheConfig:
         calibration_steps: with profile="auto", decode steps during which every head is unstable while
             its page selections are recorded, before the split is decided (two 16-step chunks by default).
         auto_unstable: with profile="auto", the fraction (or count) of KV heads kept unstable.
-        scorer: how pages are summarised when they fill and ranked for a query (flexicache_hf.decode):
+        scorer: how pages are summarised when they fill and ranked for a query (flexicache_hf.scorers):
             SketchMass(2), the default: every token's key kept at 2 bits per channel inside its page's
             min/max box, pages ranked by the attention mass the sketched keys predict (each query head's
             softmax over the candidates, summed over the GQA group). SketchMax(bits): ranked by the best
@@ -61,7 +61,7 @@ class FlexiCacheConfig:
         use_kernels: "auto" uses the Triton kernels on CUDA tensors and the PyTorch references
             elsewhere; True forces kernels (error if unavailable); False forces the references.
         scorer: how pages are summarised and ranked, an object: MinMaxBound(spread), SketchMax(bits) or
-            SketchMass(bits) (flexicache_hf.decode), or its name ("minmax", "sketch_max", "sketch_mass").
+            SketchMass(bits) (flexicache_hf.scorers), or its name ("minmax", "sketch_max", "sketch_mass").
             None: built from the shorthand above (sketch_bits, sketch_score, score_spread).
     """
 
@@ -127,7 +127,7 @@ class FlexiCacheConfig:
     def _resolve_scorer(self, bad):
         """The scorer object: `scorer` as given, or built from the shorthand (score_spread, sketch_bits,
         sketch_score); sketch_bits then follows the scorer, so the two never disagree."""
-        from flexicache_hf.decode import SCORERS, MinMaxBound, SketchMass, SketchMax
+        from flexicache_hf.scorers import SCORERS, MinMaxBound, SketchMass, SketchMax
 
         scorer, bits = self.scorer, self.sketch_bits
         if scorer is None:

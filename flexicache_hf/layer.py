@@ -57,6 +57,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.selected_at = 0
         self.pending = None  # what update() leaves for attend(): (start, n, keys, values, chunk, flags)
         self.calibration = None  # profile="auto": the cache's OnlineCalibration while it records
+        self.recorder = None  # a SelectionRecorder (cache.record_selections): sees every selection, eager steps only
 
     def set_split(self, unstable_heads: list[int]) -> None:
         """Which heads are unstable (GPU pages) and stable (slots + host pool), from the next initialisation
@@ -145,10 +146,15 @@ class FlexiCacheLayer(CacheLayerMixin):
     def _decode(self, query: torch.Tensor, scale: float, flags: DecodeFlags) -> torch.Tensor:
         B, Hq, _, D = query.shape
         q = query.reshape(B, self.num_kv_heads, Hq // self.num_kv_heads, D)
-        record, cal = None, self.calibration
-        if cal is not None:
-            full = self.memory.full_pages
-            record = lambda table: cal.record(self.layer_idx, table, full)  # noqa: E731
+        record, cal, rec = None, self.calibration, self.recorder
+        if cal is not None or rec is not None:  # nothing at all is recorded unless asked for
+            position, full = self.memory.length, self.memory.full_pages
+
+            def record(group, pages):
+                if cal is not None and group == "unstable":
+                    cal.record(self.layer_idx, pages, full)
+                if rec is not None:
+                    rec.record(self.layer_idx, position, self.unstable if group == "unstable" else self.stable, pages)
         out = decode_step(q, self.memory, self.cfg.scorer, flags, self.cfg.topk_pages, scale, self.cfg.use_kernels, record)
         if cal is not None and cal.ready() and self.layer_idx == cal.last_layer:
             cal.finish()
@@ -157,7 +163,7 @@ class FlexiCacheLayer(CacheLayerMixin):
     # ---- what graphs.py needs ------------------------------------------------------------------
     def step_key(self):
         """(flags, buffer identity) of the next decode step, or None if it must run eagerly."""
-        if not self.is_initialized or self.length == 0:
+        if not self.is_initialized or self.length == 0 or self.recorder is not None:
             return None
         flags = self.decode_flags()
         buffers = self.memory.graph_buffers(flags.fill)

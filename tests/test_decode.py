@@ -10,7 +10,8 @@ from conftest import Recorder, make_cache, tiny_pair
 from flexicache_hf import FlexiCacheConfig, FlexiCacheLayer, ops
 from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.config import DEFAULT_SKETCH_BITS
-from flexicache_hf.decode import SCORERS, DecodeFlags, MinMaxBound, SketchMass, SketchMax, decode_step
+from flexicache_hf.decode import DecodeFlags, decode_step
+from flexicache_hf.scorers import SCORERS, MinMaxBound, SketchMass, SketchMax
 from flexicache_hf.memory import LayerMemory
 
 
@@ -129,14 +130,20 @@ def test_decode_step_at_full_budget_is_dense_attention(scorer, unstable):
         torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
 
 
-def test_decode_step_records_the_unstable_heads_selection():
-    """record() sees the unstable heads' top-K page ids (the current page is not among them) at every step."""
-    mem, cfg, k, v, g = _memory([0, 2], 17, MinMaxBound(), topk=2)
-    seen = []
-    for flags, *_ in _steps(mem, cfg, k, v, g, 6, selected_at=17, record=lambda t: seen.append(t.clone())):
+def test_decode_step_records_each_groups_selection():
+    """record() sees the unstable heads' top-K page ids (the current page is not among them) at every step and
+    the stable heads' top-K at every rerank."""
+    mem, cfg, k, v, g = _memory([0, 2], 17, MinMaxBound(), topk=2, rerank=3)
+    seen = {"unstable": [], "stable": []}
+    record = lambda group, t: seen[group].append(t.clone())  # noqa: E731
+    reranks = 0
+    for flags, *_ in _steps(mem, cfg, k, v, g, 6, selected_at=17, record=record):
         current = (mem.length - 1) // cfg.page_size
-        assert seen[-1].shape == (B, 2, 2) and ((seen[-1] >= 0) & (seen[-1] < current)).all()
-    assert len(seen) == 6
+        last = seen["unstable"][-1]
+        assert last.shape == (B, 2, 2) and ((last >= 0) & (last < current)).all()
+        reranks += flags.rerank
+    assert len(seen["unstable"]) == 6 and len(seen["stable"]) == reranks == 2
+    assert all(t.shape == (B, 1, 2) for t in seen["stable"])
 
 
 def test_decode_step_promotes_at_once_after_a_prefill_and_in_the_background_at_a_rerank(monkeypatch):

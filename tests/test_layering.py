@@ -10,7 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = {"flexicache_hf": ROOT / "flexicache_hf", "flexicache_hf.kernels": ROOT / "kernels"}
 CORE = ["flexicache_hf.memory", "flexicache_hf.memory.layer", "flexicache_hf.memory.offload", "flexicache_hf.memory.gpu_pages",
-        "flexicache_hf.memory.metadata", "flexicache_hf.memory.alloc", "flexicache_hf.decode", "flexicache_hf.ops",
+        "flexicache_hf.memory.metadata", "flexicache_hf.memory.alloc", "flexicache_hf.decode", "flexicache_hf.scorers", "flexicache_hf.ops",
         "flexicache_hf.config", "flexicache_hf.calibration", "flexicache_hf.stability", "flexicache_hf.profiles",
         "flexicache_hf.kernels"]
 
