@@ -79,7 +79,9 @@ class SelectionRecorder:
     def selection_matrix(self, layer: int, head: int, batch: int = 0, num_pages: int | None = None):
         """(positions, held): held [len(positions), num_pages] bool, True where the head's latest selection
         at or before that step contains the page. An unstable head's rows change each step; a stable head's
-        rows hold still from one rerank to the next. Steps before the head's first selection are all False."""
+        rows hold still from one rerank to the next. Steps before the head's first selection are all False.
+        (A row is the selection made at or before that step: a periodic rerank's new set is attended from the
+        step after it, docs/method.md "Rerank and promotion"; stable heads also attend the pages written since.)"""
         steps = self.positions()
         num_pages = num_pages or self.num_pages()
         held = torch.zeros(len(steps), num_pages, dtype=torch.bool)

@@ -63,6 +63,7 @@ def memory_chart(report: dict, *, device: str = "GPU", tokens: int | None = None
     """`cache.memory_report()` as bars in MiB: dense's K/V, FlexiCache on the device (unstable heads' pages,
     stable heads' slots, page metadata; stacked, in use) and its host pool; an outline shows what each part
     holds reserved (allocated, headroom included)."""
+    _matplotlib()
     from matplotlib.patches import Patch
 
     fig, ax = new_figure(7.5, 4.6)
@@ -131,6 +132,7 @@ def page_selection_chart(recorder, needle_pages=None, heads=None, *, batch: int 
     decode step): an unstable head re-selects every step, so its set moves; a stable head selects at a rerank
     (dotted lines) and holds that set still until the next one. `needle_pages` (page ids) are marked.
     `heads` defaults to pick_heads(recorder, needle_pages)."""
+    _matplotlib()
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -187,6 +189,7 @@ def stability_heatmap(profile: HeadProfile, *, title: str | None = None):
     """Instability (mean 1 - TS, docs/method.md "Profiling") per layer x KV head, the profile's unstable heads
     marked. A profile without measured instability (the paper's) is drawn as its unstable mask. The same
     picture as profile_plots.plot_stability_heatmap (`flexicache profile --plots`), with a legend."""
+    _matplotlib()
     from matplotlib.lines import Line2D
 
     L, H = profile.num_layers, profile.num_kv_heads
