@@ -216,7 +216,7 @@ def stability_heatmap(profile: HeadProfile, *, title: str | None = None):
     ax.set_xticks(range(0, L, max(1, L // 16)))
     fig.colorbar(im, ax=ax, label=label, pad=0.01)
     m = profile.metadata
-    what = f" (top-{m.get('topk_pages')} pages of {m.get('page_size')})" if m.get("topk_pages") else ""
+    what = f" (measured on top-{m.get('topk_pages')} sets of {m.get('page_size')}-token pages)" if m.get("topk_pages") else ""
     ax.set_title(title or f"{m.get('model_id') or profile.model_id or 'model'}: head instability{what}", fontsize=10)
     return fig
 
