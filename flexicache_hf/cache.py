@@ -102,6 +102,14 @@ class FlexiCache(Cache):
         super().reset()
         self._start_calibration()
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """transformers asks this before every forward (eagerly, for a compiled decode step): each layer makes
+        room for the coming token then, since a compiled step cannot grow a buffer (layer.get_mask_sizes)."""
+        if query_length == 1 and not torch.compiler.is_compiling():
+            for layer in self.flexi_layers:
+                layer.ready_for_compiled_step()
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def record_selections(self, recorder=None):
         """Record the pages every head selects from the next decode step on (a recorder.SelectionRecorder,
         made if none is given; returned). Recording needs the Python side of each step: recorded steps run

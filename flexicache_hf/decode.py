@@ -36,9 +36,14 @@ class DecodeFlags(NamedTuple):
 
 
 # ---- the step ----------------------------------------------------------------------------------------
-def decode_step(q, memory, scorer, flags: DecodeFlags, topk: int, scale: float, use_kernels="auto",
+def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: float, use_kernels="auto",
                 record=None) -> torch.Tensor:
     """Attention of one new token: q [B, H, G, D] (H KV heads, G query heads each) -> [B, H, G, D].
+
+    flags: the step kind; None for a compiled step, which has no Python branch on it: the stable heads
+    select at every step and their promotions apply only where the device flags (memory.rerank_flags) say,
+    which leaves the same state as the eager step (the promotion of a periodic rerank runs after attention
+    on the compute stream instead of the copy stream).
     `record(group, pages)`, if given, sees each selection: ("unstable", their top-K page ids [B, Hu, K]) every
     step, ("stable", [B, Hs, K]) at a rerank (online calibration, a SelectionRecorder)."""
     current = memory.current_page()
@@ -48,18 +53,23 @@ def decode_step(q, memory, scorer, flags: DecodeFlags, topk: int, scale: float, 
                               scale, True, use_kernels).view(memory.batch, len(memory.unstable_heads), -1)
         if record is not None:
             record("unstable", table[..., :-1])
-    if memory.stable is not None and flags.rerank:
+    if memory.stable is not None and (flags is None or flags.rerank):
         selected = scorer.select(q, *memory.selection_inputs(memory.stable), current, topk, memory.stable_heads,
                                  scale, False, use_kernels).view(memory.batch, len(memory.stable_heads), -1)
         if record is not None:
             record("stable", selected)
-        if flags.first:  # nothing is resident yet: this step reads the new set
+        if flags is None:
+            rerank, first = memory.rerank_flags()
+            memory.promote(selected, background=False, active=first)
+            promote = (selected, rerank & ~first)
+        elif flags.first:  # nothing is resident yet: this step reads the new set
             memory.promote(selected, background=False)
         else:  # a periodic rerank: this step still reads the old set, the next ones the new set
-            promote = selected
-    groups = memory.attention_groups(table, stable_pending=flags.rerank and promote is None)
-    out = ops.paged_decode_attention(q, groups, memory.kv_valid, scale, use_kernels)
+            promote = (selected, None)
+    pending = flags is None or (flags.rerank and promote is None)
+    out = ops.paged_decode_attention(q, memory.attention_groups(table, stable_pending=pending), memory.kv_valid,
+                                     scale, use_kernels)
     if promote is not None:
-        memory.promote(promote, background=True)
-    memory.next_position()
+        memory.promote(promote[0], background=flags is not None, active=promote[1])
+    memory.next_position(static=flags is None)
     return out

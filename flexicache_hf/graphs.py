@@ -38,6 +38,7 @@ def enable_cuda_graphs(model):
     """Replay FlexiCache decode steps of `model` from CUDA graphs (see the module doc). Returns `model`."""
     if not isinstance(model.forward, GraphedForward):
         model.forward = GraphedForward(model.forward)
+        model.generation_config.disable_compile = True  # the graphs replace generate()'s own compilation
     return model
 
 
@@ -45,6 +46,7 @@ def disable_cuda_graphs(model):
     """Undo `enable_cuda_graphs`: every call runs the model's own forward again. Returns `model`."""
     if isinstance(model.forward, GraphedForward):
         del model.forward  # the instance attribute shadowed the class's forward
+        model.generation_config.disable_compile = False
     return model
 
 

@@ -6,8 +6,15 @@ registered as attn_implementation="flexicache".
               prefill, verification) runs HF's sdpa over the whole context; a one-token decode step runs
               decode.decode_step (select pages, attend to them)
 
-Layer state is the memory's length plus `selected_at`, the length at the last multi-token forward (every
-head selects afresh after one); the step kind (DecodeFlags) is derived from the two.
+Layer state is the memory's: its length and the length at the last multi-token forward (every head selects
+afresh after one); the step kind (DecodeFlags) is derived from the two.
+
+Under torch.compile (generate() compiles the decode step on CUDA: `is_compileable`) a decode step reads no
+Python state that changes from step to step: the memory appends with `append_token_static` and
+decode_step runs with flags=None (the step kind is decided on the device), so one compiled graph serves
+every step. Before each step, transformers asks the cache for the mask sizes (eagerly, in
+prepare_inputs_for_generation): that is where room for the step's token is made, since a compiled step
+cannot grow a buffer.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from flexicache_hf.decode import DecodeFlags, decode_step
 from flexicache_hf.memory import LayerMemory
 
 NAME = "flexicache"
+_COMPILED = "compiled"  # update() -> attend(): a compiled decode step
 
 
 class FlexiKV:
@@ -45,7 +53,6 @@ class FlexiKV:
 
 
 class FlexiCacheLayer(CacheLayerMixin):
-    is_compileable = False
     is_croppable = True
     is_sliding = False
 
@@ -54,7 +61,6 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.layer_idx, self.num_kv_heads, self.cfg = layer_idx, num_kv_heads, config
         self.set_split(unstable_heads)
         self.memory: LayerMemory | None = None
-        self.selected_at = 0
         self.pending = None  # what update() leaves for attend(): (start, n, keys, values, chunk, flags)
         self.calibration = None  # profile="auto": the cache's OnlineCalibration while it records
         self.recorder = None  # a SelectionRecorder (cache.record_selections): sees every selection, eager steps only
@@ -65,10 +71,22 @@ class FlexiCacheLayer(CacheLayerMixin):
         self.unstable = sorted(unstable_heads)
         self.stable = [h for h in range(self.num_kv_heads) if h not in set(self.unstable)]
 
+    @property
+    def is_compileable(self) -> bool:
+        """Whether generate() may compile decode steps: not while a step must run Python (online
+        calibration, a selection recorder) or without kernels (the references wait for the host)."""
+        return self.calibration is None and self.recorder is None and self.cfg.use_kernels is not False
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, T, D = key_states.shape
         if H != self.num_kv_heads:
             raise ValueError(f"layer {self.layer_idx}: got {H} KV heads, the cache was built for {self.num_kv_heads}")
+        m = self.memory
+        if m is not None and (m.batch, m.dtype, m.device) == (B, key_states.dtype, key_states.device) and \
+                m.unstable_heads.tolist() == self.unstable:
+            m.clear()  # a reused cache: same buffers, so compiled and captured graphs stay valid
+            self.is_initialized = True
+            return
         scorer, ps, kernels = self.cfg.scorer, self.cfg.page_size, self.cfg.use_kernels
         self.memory = LayerMemory(key_states, self.unstable, self.cfg,
                                   lambda keys, valid: scorer.summarise(keys, valid, ps, kernels))
@@ -77,16 +95,18 @@ class FlexiCacheLayer(CacheLayerMixin):
 
     @property
     def length(self) -> int:
-        return self.memory.length if self.memory is not None else 0
+        return self.memory.length if self.is_initialized else 0
 
     def decode_flags(self) -> DecodeFlags:
         m = self.memory
-        return DecodeFlags.at(m.length, self.selected_at, self.cfg.page_size, self.cfg.rerank_interval, m.stable is not None)
+        return DecodeFlags.at(m.length, m.selected_at, self.cfg.page_size, self.cfg.rerank_interval, m.stable is not None)
 
     # ---- update: store -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # inference only: stored K/V never join an autograd graph (the attention function says so on backward)
         key_states, value_states = key_states.detach(), value_states.detach()
+        if torch.compiler.is_compiling():
+            return self._update_compiled(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.memory.batch:
@@ -103,19 +123,30 @@ class FlexiCacheLayer(CacheLayerMixin):
         handle = FlexiKV(self)
         return handle, handle
 
+    def _update_compiled(self, key_states, value_states):
+        if key_states.shape[2] != 1 or not self.is_initialized:
+            raise RuntimeError("FlexiCache compiles decode steps only: run the prefill (the first forward of a "
+                               "request, and any multi-token forward) without torch.compile, as generate() does")
+        self.memory.append_token_static(key_states, value_states)
+        self.pending = _COMPILED
+        handle = FlexiKV(self)
+        return handle, handle
+
     # ---- attend --------------------------------------------------------------------------------
     def attend(self, module, query, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if self.pending is None:
             raise RuntimeError(f"layer {self.layer_idx}: attention called without a preceding cache update")
         if kwargs.get("softcap") is not None:
             raise NotImplementedError("FlexiCache does not support attention logit softcapping (softcap)")
+        scale = scaling if scaling is not None else module.scaling
+        if self.pending is _COMPILED:
+            self.pending = None
+            return self._decode(query, scale, None), None
         start, n, keys, values, chunk, flags = self.pending
         self.pending = None
-        scale = scaling if scaling is not None else module.scaling
         if flags is not None:
             return self._decode(query, scale, flags), None
         self._record_validity(attention_mask, start, n)
-        self.selected_at = start + n  # every head selects afresh at the next decode step
         sdpa = lambda q, k, v: sdpa_attention_forward(  # noqa: E731
             module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if start == 0:  # the new keys are the whole context: exactly HF's sdpa
@@ -143,11 +174,11 @@ class FlexiCacheLayer(CacheLayerMixin):
         row = mask[:, 0, -1, start : start + n]
         self.memory.mark_valid(row if row.dtype == torch.bool else row == 0, start)  # additive: 0 attends
 
-    def _decode(self, query: torch.Tensor, scale: float, flags: DecodeFlags) -> torch.Tensor:
+    def _decode(self, query: torch.Tensor, scale: float, flags: DecodeFlags | None) -> torch.Tensor:
         B, Hq, _, D = query.shape
         q = query.reshape(B, self.num_kv_heads, Hq // self.num_kv_heads, D)
         record, cal, rec = None, self.calibration, self.recorder
-        if cal is not None or rec is not None:  # nothing at all is recorded unless asked for
+        if flags is not None and (cal is not None or rec is not None):  # nothing at all is recorded unless asked for
             position, full = self.memory.length, self.memory.full_pages
 
             def record(group, pages):
@@ -173,6 +204,10 @@ class FlexiCacheLayer(CacheLayerMixin):
         """A replayed decode step ran only the device side: the length advances here."""
         self.memory.length += 1
 
+    def ready_for_compiled_step(self) -> None:
+        if self.is_initialized and self.length > 0:
+            self.memory.ready_for_static_step()
+
     # ---- whole context, CacheLayerMixin ----------------------------------------------------------
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -180,19 +215,34 @@ class FlexiCacheLayer(CacheLayerMixin):
         return self.memory.full_kv()
 
     def get_seq_length(self) -> int:
+        if torch.compiler.is_compiling():  # the length as a tensor, as transformers' static layers give it
+            return self.memory.pos[0] if self.memory is not None else 0
         return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """A decode step's mask covers the reserved capacity, as a static cache's does (its shape must not
+        change from step to step under torch.compile); FlexiCache's decode attention reads validity from
+        the cache, never the mask. Asked eagerly before a compiled step: room for its token is made here."""
+        if torch.compiler.is_compiling():
+            return self.memory.capacity, 0
+        if query_length == 1 and self.length > 0:
+            self.ready_for_compiled_step()
+            return self.memory.capacity, 0
         return self.length + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
+        """Empty; the memory's buffers stay for the next request if it fits them (lazy_initialization)."""
         if getattr(self, "memory", None) is not None:
             self.memory.join()  # a background promotion writes the slots being dropped
-        self.memory = self.pending = None
-        self.selected_at, self.is_initialized = 0, False
+        self.pending, self.is_initialized = None, False
+
+    def release(self) -> None:
+        """Empty and drop every buffer."""
+        self.reset()
+        self.memory = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last tokens (negative argument), or keep the first `n` (positive, the legacy form)."""
@@ -207,13 +257,13 @@ class FlexiCacheLayer(CacheLayerMixin):
 
     def rebuild(self, keys, values, valid) -> None:
         """Re-page a whole context (crop, repartition, a prefill made elsewhere): the storage rules of a
-        prefill; every head selects afresh at the next decode step."""
-        self.reset()
+        prefill; every head selects afresh at the next decode step (new buffers: keys/values may be views of
+        the old ones)."""
+        self.release()
         self.update(keys, values)
         self.pending = None
         self.memory.mark_valid(valid, 0)
         self.memory.summarise_pages(0, keys=keys)
-        self.selected_at = keys.shape[2]
 
     def repartition(self, unstable_heads: list[int]) -> None:
         """Move to a new stable/unstable split (after online calibration); every K/V is kept."""

@@ -322,6 +322,9 @@ def page_sketch(keys, valid, kmin, kmax, page_size, bits):
 
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
                  spread=1.0, codes=None, mass_scale=None):
+    if torch.compiler.is_compiling():
+        return torch.ops.flexicache.select_pages(q, kmin, kmax, page_valid, current, k, append_current, heads,
+                                                 str(use_kernels), spread, codes, mass_scale)
     args = (q, kmin, kmax, page_valid, current, k, append_current, heads, spread, codes, mass_scale)
     kern = _kernels(q.device, use_kernels)
     if kern is None:
@@ -331,6 +334,10 @@ def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, he
 
 
 def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):
+    if torch.compiler.is_compiling():
+        assert 1 <= len(groups) <= 2
+        flat = [x for g in groups for x in g] + [None, None, None, None, False, False] * (2 - len(groups))
+        return torch.ops.flexicache.paged_decode_attention(q, kv_valid, scale, str(use_kernels), *flat)
     k = _kernels(q.device, use_kernels)
     if k is None:
         return paged_decode_attention_ref(q, groups, kv_valid, scale)
@@ -339,6 +346,8 @@ def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):
 
 
 def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
+    if torch.compiler.is_compiling():
+        return torch.ops.flexicache.copy_pages(src_pool, src_idx, dst_pool, dst_idx, str(use_kernels))
     # the kernel's win is reading or writing pinned host memory in place; a pageable host pool on one
     # side of a GPU copy takes the reference path
     gpu = dst_pool if dst_pool.device.type == "cuda" else src_pool
@@ -350,3 +359,53 @@ def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
         return copy_pages_ref(src_pool, src_idx, dst_pool, dst_idx)
     with _on(gpu):
         return k.copy_pages(src_pool, src_idx, dst_pool, dst_idx)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile: the three ops a decode step launches kernels through are custom ops, opaque to the
+# compiler (it fuses the model's own operations around them; CUDA graphs capture their launches)
+# ------------------------------------------------------------------------------------------------
+def _use(s: str):
+    return {"True": True, "False": False}.get(s, s)
+
+
+@torch.library.custom_op("flexicache::select_pages", mutates_args=())
+def _select_pages_op(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid: torch.Tensor,
+                     current: torch.Tensor, k: int, append_current: bool, heads: torch.Tensor | None,
+                     use_kernels: str, spread: float, codes: torch.Tensor | None,
+                     mass_scale: float | None) -> torch.Tensor:
+    return select_pages(q, kmin, kmax, page_valid, current, k, append_current, heads, _use(use_kernels), spread,
+                        codes, mass_scale)
+
+
+@_select_pages_op.register_fake
+def _(q, kmin, kmax, page_valid, current, k, append_current, heads, use_kernels, spread, codes, mass_scale):
+    rows = q.shape[0] if heads is None else q.shape[0] * heads.shape[0]
+    return q.new_empty(rows, min(k, kmin.shape[1]) + int(append_current), dtype=torch.long)
+
+
+@torch.library.custom_op("flexicache::paged_decode_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, kv_valid: torch.Tensor, scale: float, use_kernels: str,
+                  k0: torch.Tensor, v0: torch.Tensor, ids0: torch.Tensor, heads0: torch.Tensor, entry0: bool,
+                  pending0: bool, k1: torch.Tensor | None, v1: torch.Tensor | None, ids1: torch.Tensor | None,
+                  heads1: torch.Tensor | None, entry1: bool, pending1: bool) -> torch.Tensor:
+    groups = [PageGroup(k0, v0, ids0, heads0, entry0, pending0)]
+    if k1 is not None:
+        groups.append(PageGroup(k1, v1, ids1, heads1, entry1, pending1))
+    return paged_decode_attention(q, groups, kv_valid, scale, _use(use_kernels))
+
+
+@_attention_op.register_fake
+def _(q, kv_valid, scale, use_kernels, *groups):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("flexicache::copy_pages", mutates_args=("dst_pool",))
+def _copy_pages_op(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor,
+                   use_kernels: str) -> None:
+    copy_pages(src_pool, src_idx, dst_pool, dst_idx, _use(use_kernels))
+
+
+@_copy_pages_op.register_fake
+def _(src_pool, src_idx, dst_pool, dst_idx, use_kernels):
+    return None

@@ -135,7 +135,10 @@ def test_reset_starts_a_new_pool_when_tensors_outlive_the_graphs():
 
 
 def _scalars(obj) -> dict:
-    return {k: v for k, v in vars(obj).items() if isinstance(v, (int, bool)) and not k.startswith("_")}
+    found = {k: v for k, v in vars(obj).items() if isinstance(v, (int, bool)) and not k.startswith("_")}
+    if "_length" in vars(obj):  # the memory's length (a property over _length)
+        found["length"] = obj.length
+    return found
 
 
 def test_a_replay_advances_every_python_side_number():

@@ -75,7 +75,7 @@ def test_rebuild_pages_a_context_as_a_prefill():
     valid[0, :6] = False
     layer.rebuild(k, v, valid)
     m = layer.memory
-    assert layer.get_seq_length() == 23 and layer.selected_at == 23 and layer.pending is None
+    assert layer.get_seq_length() == 23 and layer.memory.selected_at == 23 and layer.pending is None
     fk, fv = layer.full_kv()
     assert torch.equal(fk, k) and torch.equal(fv, v) and torch.equal(m.kv_valid[:, :23], valid)
     kmin, kmax = ops.page_minmax_ref(k[:, :, :20], valid[:, :20], 4)
@@ -211,6 +211,14 @@ def test_lengths_and_reset():
     k, v = _kv(2, 3, 9)
     handle, same = layer.update(k, v)
     assert handle is same and handle.layer is layer
-    assert layer.get_seq_length() == 9 and layer.get_mask_sizes(1) == (10, 0)
+    # a decode step's mask covers the reserved capacity (a fixed shape under torch.compile); a prefill's is exact
+    assert layer.get_seq_length() == 9 and layer.get_mask_sizes(1) == (layer.memory.capacity, 0)
+    assert layer.memory.capacity >= 10 and layer.get_mask_sizes(4) == (13, 0)
+    memory = layer.memory
     layer.reset()
-    assert not layer.is_initialized and layer.memory is None and layer.get_seq_length() == 0 and layer.selected_at == 0
+    assert not layer.is_initialized and layer.get_seq_length() == 0
+    layer.update(*_kv(2, 3, 5))  # the next request of the same shape reuses the buffers
+    assert layer.memory is memory and layer.get_seq_length() == 5 and memory.selected_at == 5
+    assert not memory.kv_valid[:, 5:].any() and int(memory.pos) == 5
+    layer.release()
+    assert layer.memory is None and not layer.is_initialized

@@ -35,6 +35,25 @@ def allocate(shape, dtype, device, pin: bool = False, fill=None) -> torch.Tensor
     return out if fill is None else out.fill_(fill)
 
 
+class _Mapped:
+    """A pinned host tensor described as CUDA memory (__cuda_array_interface__): pinned memory is mapped
+    into the device's address space at the same address (unified addressing)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t  # the view keeps the pinned tensor alive
+        self.__cuda_array_interface__ = {"shape": (t.numel() * t.element_size() // 2,), "typestr": "<i2",
+                                         "data": (t.data_ptr(), False), "version": 3, "strides": None}
+
+
+def mapped(t: torch.Tensor, device) -> torch.Tensor:
+    """A CUDA tensor over the same memory as the pinned host tensor `t` (same shape and dtype): kernels, CUDA
+    graphs and torch.compile treat it as device memory and read or write the host pool in place."""
+    assert t.is_pinned() and t.is_contiguous() and t.element_size() % 2 == 0
+    with torch.cuda.device(device):
+        flat = torch.as_tensor(_Mapped(t), device=device)
+    return flat.view(t.dtype).view(t.shape)
+
+
 def reserved_bytes(*owners) -> tuple[int, int]:
     """(device, host) bytes of every tensor storage the owners hold, the memory room's objects inside them
     included, each storage counted once: what is held allocated, whatever part of it is in use. Tensors

@@ -7,8 +7,14 @@ a page with such a token). The layer above appends tokens and asks for what sele
 what attention reads (page groups: pools + block tables) and whole-context views; nothing else indexes
 pools, slots or the host pool.
 
-State is the length: `length` (Python) and `pos` (the same number on the device, for graph-captured
-steps). Pages with metadata and pages in the host pool are the full pages, `length // page_size`.
+State is the length: `pos` on the device and `length`, the same number in Python, and the length at
+the last multi-token append (`selected_at`, after which every head selects afresh). Pages with metadata are
+the full pages, `length // page_size`; the host pool holds every token of the stable heads (written
+through as each arrives).
+
+Two ways to run a decode step: `append_token` (eager, Python branches on the step kind) and
+`append_token_static` (a compiled step: no Python branch, no Python length; it leaves the same state, and
+`length` catches up from `pos` when next read).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class LayerMemory:
         B, H, T, D = keys.shape
         self.batch, self.num_heads, self.head_dim, self.dtype, self.device = B, H, D, keys.dtype, keys.device
         self.page_size, self.headroom, self.summarise = cfg.page_size, cfg.host_headroom_pages, summarise
+        self.rerank_interval = cfg.rerank_interval
         stable = [h for h in range(H) if h not in set(unstable)]
         self.unstable_heads = torch.tensor(sorted(unstable), device=self.device, dtype=torch.long)
         self.stable_heads = torch.tensor(stable, device=self.device, dtype=torch.long)
@@ -51,9 +58,32 @@ class LayerMemory:
         self.kv_valid = torch.zeros(B, pages * ps, dtype=torch.bool, device=self.device)
         self.page_valid = torch.zeros(B, pages, dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # = length, on the device
+        self.sel_at = torch.zeros(1, dtype=torch.long, device=self.device)  # = selected_at, on the device
         self._page_offsets = torch.arange(ps, device=self.device)
-        self.length = 0
+        self._length, self._stale, self.selected_at = 0, False, 0
         self.version = 0  # bumped whenever a state tensor is replaced: captured decode graphs go stale
+        self._marked = None  # the version whose tensors are marked as static addresses (torch.compile)
+
+    @property
+    def length(self) -> int:
+        if self._stale:  # compiled decode steps advanced `pos` only
+            self._length, self._stale = int(self.pos.item()), False
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self._length, self._stale = value, False
+
+    def clear(self) -> None:
+        """Empty, keeping every buffer (a new request on a reused cache: its compiled graphs stay valid)."""
+        self.join()
+        self.length = self.selected_at = 0
+        for t in (self.pos, self.sel_at):
+            t.zero_()
+        self.kv_valid.zero_()
+        self.page_valid.zero_()
+        if self.stable is not None:
+            self.stable.clear()
 
     @property
     def groups(self) -> list:
@@ -78,10 +108,16 @@ class LayerMemory:
         return out
 
     # ---- capacity ------------------------------------------------------------------------------
-    def fits(self, tokens: int) -> bool:
-        """Whether `tokens` tokens fit without replacing any buffer."""
+    @property
+    def capacity(self) -> int:
+        """Tokens that fit without replacing any buffer."""
         caps = [self.page_valid.shape[1]] + [g.meta.capacity_pages for g in self.groups]
-        return math.ceil(tokens / self.page_size) <= min(caps)
+        if self.stable is not None:
+            caps.append(self.stable.host_capacity)
+        return min(caps) * self.page_size
+
+    def fits(self, tokens: int) -> bool:
+        return tokens <= self.capacity
 
     def reserve(self, tokens: int) -> None:
         if self.fits(tokens):
@@ -95,6 +131,20 @@ class LayerMemory:
             self.unstable.reserve(pages)
         if self.stable is not None:
             self.stable.meta.reserve(pages)
+            self.stable.reserve_host(pages)
+
+    def ready_for_static_step(self) -> None:
+        """Before a compiled decode step (eagerly): room for its token, no side-stream work in flight, and
+        every state tensor marked as a static address (CUDA graphs read them in place; torch.compile would
+        otherwise copy them into the graph's own buffers at every replay)."""
+        self.reserve(self.length + 1)
+        self.join()
+        if self.stable is not None:
+            self.stable.wait_offloads(host_reader=False)
+        if self._marked != self.version and self.device.type == "cuda":
+            for t in state_tensors(self):
+                torch._dynamo.mark_static_address(t)
+            self._marked = self.version
 
     def graph_buffers(self, fill: bool):
         """What a captured decode step of this layer bakes in (buffer identity), or None if the next step
@@ -103,7 +153,7 @@ class LayerMemory:
             return None
         host = 0
         if self.stable is not None:
-            if self.stable.offloaded is not None or (fill and self.full_pages >= self.stable.host_capacity):
+            if self.stable.offloaded is not None:
                 return None
             host = self.stable.host_capacity
         return self.version, self.kv_valid.shape[1], host
@@ -120,8 +170,9 @@ class LayerMemory:
             self.unstable.write(k_u, v_u, start)
         chunk = Chunk(*self.stable.append(k_s, v_s, start)) if self.stable is not None else None
         self.kv_valid[:, start : start + n] = True
-        self.length = start + n
+        self.length = self.selected_at = start + n
         self.pos.fill_(self.length)
+        self.sel_at.fill_(self.length)
         return chunk
 
     def mark_valid(self, valid: torch.Tensor, start: int) -> None:
@@ -178,8 +229,21 @@ class LayerMemory:
     # ---- decode: one token -------------------------------------------------------------------
     def append_token(self, k: torch.Tensor, v: torch.Tensor, new_page: bool, fill: bool) -> None:
         """Decode: one token [B, H, 1, D] at position `pos`, always valid; when it fills its page, the page's
-        metadata is written and the stable heads' copy goes to the host pool."""
+        metadata is written."""
         self.reserve(self.length + 1)
+        self._write_token(k, v, new_page)
+        if fill:
+            self._summarise_current()
+
+    def append_token_static(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """append_token for a compiled step: whether the token starts a page is decided on the device, and
+        the current page's metadata is rewritten at every step (it is read only once the page is full, when
+        it equals what append_token writes at the fill). Room for the token was made beforehand
+        (ready_for_static_step): a compiled step cannot grow a buffer."""
+        self._write_token(k, v, None)
+        self._summarise_current()
+
+    def _write_token(self, k, v, new_page) -> None:
         k_u, k_s = self.split(k)
         v_u, v_s = self.split(v)
         if self.unstable is not None:
@@ -187,17 +251,17 @@ class LayerMemory:
         if self.stable is not None:
             self.stable.write_token(k_s, v_s, self.pos, new_page)
         self.kv_valid.index_fill_(1, self.pos, True)
-        if fill:
-            page = self.pos // self.page_size
-            tokens = page * self.page_size + self._page_offsets
-            valid = self.kv_valid.index_select(1, tokens)  # [B, ps]
-            if self.unstable is not None:
-                self.unstable.meta.write(page, *self.summarise(self.unstable.page_keys(tokens), valid))
-            if self.stable is not None:
-                self.stable.meta.write(page, *self.summarise(self.stable.current_page()[0][:, :, 0], valid))
-                self.stable.reserve_host(self.full_pages + 1)
-                self.stable.offload_current(page)
-            self.page_valid.index_copy_(1, page, valid.any(-1, keepdim=True))
+
+    def _summarise_current(self) -> None:
+        """Metadata and validity of the page that holds `pos`, from its tokens so far."""
+        page = self.pos // self.page_size
+        tokens = page * self.page_size + self._page_offsets
+        valid = self.kv_valid.index_select(1, tokens)  # [B, ps]
+        if self.unstable is not None:
+            self.unstable.meta.write(page, *self.summarise(self.unstable.page_keys(tokens), valid))
+        if self.stable is not None:
+            self.stable.meta.write(page, *self.summarise(self.stable.current_page()[0][:, :, 0], valid))
+        self.page_valid.index_copy_(1, page, valid.any(-1, keepdim=True))
 
     def current_page(self) -> torch.Tensor:
         """The page that holds the newest token (after append_token), [1] on the device."""
@@ -218,17 +282,27 @@ class LayerMemory:
             groups.append(self.unstable.attention_group(unstable_table, self.unstable_heads))
         return groups
 
-    def promote(self, selected: torch.Tensor, background: bool) -> None:
-        """The stable heads' resident pages become `selected` [B, Hs, K] and the current page."""
+    def rerank_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """DecodeFlags' rerank and first, on the device ([1] bool each): for a compiled step."""
+        since = self.pos - self.sel_at
+        return since % self.rerank_interval == 0, since == 0
+
+    def promote(self, selected: torch.Tensor, background: bool, active: torch.Tensor | None = None) -> None:
+        """The stable heads' resident pages become `selected` [B, Hs, K] and the current page (only where
+        `active`, a device bool, holds: a compiled step's promotion)."""
         if background:
             self.stable.promote_in_background(selected, self.current_page())
         else:
-            self.stable.promote(selected, self.current_page())
+            self.stable.promote(selected, self.current_page(), active)
 
-    def next_position(self) -> None:
-        """The decode step is done: the device position advances (in the step) and the length with it."""
+    def next_position(self, static: bool = False) -> None:
+        """The decode step is done: the device position advances (in the step) and the length with it; a
+        compiled step leaves the length to catch up when next read."""
         self.pos.add_(1)
-        self.length += 1
+        if static:
+            self._stale = True
+        else:
+            self.length += 1
 
     def join(self) -> None:
         if self.stable is not None:
@@ -268,6 +342,17 @@ class LayerMemory:
             "gpu_reserved_bytes": gpu_reserved,
             "host_reserved_bytes": host_reserved,
         }
+
+
+def state_tensors(owner) -> list[torch.Tensor]:
+    """Every tensor the memory room holds (the host pool's CUDA views included)."""
+    found = []
+    for value in vars(owner).values():
+        if type(value).__module__.startswith(__package__):
+            found += state_tensors(value)
+        elif isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            found.append(value)
+    return found
 
 
 def _grow_cols(t: torch.Tensor, cols: int) -> torch.Tensor:

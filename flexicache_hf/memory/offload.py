@@ -2,13 +2,15 @@
 
 GPU slots [B, H, slots, page, D] hold each row's selected pages, the tail (pages made since the last
 rerank) and the current page; `slot_page` is their block table (the page each slot holds, -1 = free). The
-host pool [pages, B, H, page, D] (pinned on CUDA) holds a copy of every full page, written once when the
-page fills (offload); page-major, so that offloading one page of every row is one contiguous copy. A rerank
-copies only newly promoted pages host -> GPU, into slots freed by demoted pages (promote).
+host pool [pages, B, H, page, D] (pinned on CUDA) holds a copy of every token: a prefill offloads its
+pages (the partial last one too), a decode step writes its token through; page-major, so that offloading
+one page of every row is one contiguous copy. A rerank copies only newly promoted pages host -> GPU, into
+slots freed by demoted pages (promote).
 
-Decode-step operations (`write_token`, `offload_current`, `promote`) take positions and pages as device
-tensors, keep every shape fixed and never wait for the host, so a decode step can be captured in a CUDA
-graph: they update state tensors in place and never reallocate them.
+Decode-step operations (`write_token`, `promote`) take positions and pages as device tensors, keep every
+shape fixed and never wait for the host, so a decode step can be captured in a CUDA graph or compiled:
+they update state tensors in place and never reallocate them. On CUDA they reach the pinned pool through
+`host_*_mapped`, CUDA tensors over the same memory (alloc.mapped), which kernels read and write in place.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from flexicache_hf import ops
-from flexicache_hf.memory.alloc import allocate, capacity_for, grow
+from flexicache_hf.memory.alloc import allocate, capacity_for, grow, mapped
 from flexicache_hf.memory.metadata import PageMetadata
 
 
@@ -34,6 +36,7 @@ class OffloadedPages:
         host_shape = (capacity_pages, batch, heads, page_size, head_dim)
         self.host_k = allocate(host_shape, dtype, "cpu", pin=self.pin)
         self.host_v = allocate(host_shape, dtype, "cpu", pin=self.pin)
+        self._map_host()
         self.meta = PageMetadata(batch, heads, head_dim, page_size, capacity_pages, sketch_bits, dtype, device)
         # prefill offloads run on a low-priority side stream; readers of the host pool wait on this event
         self.copy_stream = torch.cuda.Stream(self.device, priority=0) if self.pin else None
@@ -47,6 +50,11 @@ class OffloadedPages:
         self._h = torch.arange(H, device=self.device).view(1, H)
         self._rows = torch.arange(B * H, device=self.device).view(B, H, 1)  # row = b * H + h
 
+    def _map_host(self) -> None:
+        """The host pool as decode-step kernels address it: CUDA views of the pinned pool on CUDA."""
+        self.host_k_mapped = mapped(self.host_k, self.device) if self.pin else self.host_k
+        self.host_v_mapped = mapped(self.host_v, self.device) if self.pin else self.host_v
+
     @property
     def host_capacity(self) -> int:
         return self.host_k.shape[0]
@@ -58,6 +66,7 @@ class OffloadedPages:
             pages = capacity_for(pages, self.headroom)
             self.host_k = grow(self.host_k, 0, pages, pin=self.pin)
             self.host_v = grow(self.host_v, 0, pages, pin=self.pin)
+            self._map_host()
 
     # ---- offload: GPU -> host, once per full page ----------------------------------------------
     def offload(self, first_page: int, k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
@@ -85,16 +94,15 @@ class OffloadedPages:
             self.offloaded = torch.cuda.Event()
             self.offloaded.record(self.copy_stream)
 
-    def offload_current(self, page: torch.Tensor) -> None:
-        """Decode: the current page (page `page`, device tensor [1]) just filled; copy it to the host pool
-        (reserved beforehand). A kernel writes the mapped pinned pool directly (zero-copy), on the compute
-        stream: no staging, no host sync, and the slot stays untouched until the copy has read it."""
-        self.join()
+    def write_through(self, k, v, pos: torch.Tensor) -> None:
+        """Decode: the token [B, H, 1, D] at `pos` (device tensor [1]) into the host pool too (reserved
+        beforehand). A kernel writes the mapped pinned pool in place, on the compute stream: a few hundred
+        bytes per row, no staging, no host sync."""
         B, H, S, ps, D = self.k.shape
-        src = ops.slot_index(self._rows, self.cur_slot.unsqueeze(-1), S).view(-1)
-        dst = ops.host_index(page, self._rows, B * H).view(-1)
-        for gpu, host in ((self.k, self.host_k), (self.v, self.host_v)):
-            ops.copy_pages(gpu.view(-1, ps, D), src, host.view(-1, ps, D), dst)
+        rows = self._rows.view(-1)
+        dst = ops.host_index(pos // ps, rows, B * H) * ps + pos % ps
+        for new, host in ((k, self.host_k_mapped), (v, self.host_v_mapped)):
+            ops.copy_pages(new.reshape(B * H, 1, D), rows, host.view(-1, 1, D), dst)
 
     def wait_offloads(self, host_reader: bool) -> None:
         """Order a read of the host pool after the writes in flight.
@@ -120,8 +128,8 @@ class OffloadedPages:
 
     # ---- writes into slots ---------------------------------------------------------------------
     def append(self, k, v, start: int):
-        """Multi-token: complete the partial current page, offload every page that fills (once), keep the
-        rest resident, free every other slot (the next decode step selects afresh). Returns the tokens from
+        """Multi-token: complete the partial current page, offload every page it touches, keep the partial
+        last page resident, free every other slot (the next decode step selects afresh). Returns the tokens from
         the first page touched on (first position, K, V), still on the GPU."""
         ps = self.page_size
         first = start - start % ps
@@ -132,6 +140,10 @@ class OffloadedPages:
         B, H, T, D = k.shape
         full = T // ps
         self.offload(first // ps, k[:, :, : full * ps].reshape(B, H, full, ps, D), v[:, :, : full * ps].reshape(B, H, full, ps, D))
+        if T % ps:  # the partial last page goes to the host too (decode steps write the rest through)
+            pad = (0, 0, 0, ps - T % ps)
+            tail = [torch.nn.functional.pad(t[:, :, full * ps :], pad).unsqueeze(2) for t in (k, v)]
+            self.offload(first // ps + full, *tail)
         self.join()
         self.slot_page.fill_(-1)
         if T % ps:
@@ -151,14 +163,31 @@ class OffloadedPages:
         else:
             self.slot_page.scatter_(-1, idx, page)
 
-    def write_token(self, k, v, pos: torch.Tensor, new_page: bool) -> None:
-        """Decode: one token [B, H, 1, D] at position `pos` (device tensor [1]) into the current page."""
+    def write_token(self, k, v, pos: torch.Tensor, new_page: bool | None) -> None:
+        """Decode: one token [B, H, 1, D] at position `pos` (device tensor [1]) into the current page, which
+        it starts if `new_page` (None: decided on the device, for a compiled step), and into the host pool."""
         self.join()
-        if new_page:
+        if new_page is None:
+            self._start_page_if(pos % self.page_size == 0, pos // self.page_size)
+        elif new_page:
             self.start_page(pos // self.page_size)
         idx = (self._b, self._h, self.cur_slot, pos % self.page_size)
         self.k.index_put_(idx, k[:, :, 0])
         self.v.index_put_(idx, v[:, :, 0])
+        self.write_through(k, v, pos)
+
+    def _start_page_if(self, new: torch.Tensor, page: torch.Tensor) -> None:
+        """start_page where the device bool `new` [1] holds, with no Python branch."""
+        free_slot = (self.slot_page < 0).to(torch.int8).argmax(-1)
+        self.cur_slot.copy_(torch.where(new, free_slot, self.cur_slot))
+        idx = self.cur_slot.unsqueeze(-1)
+        self.slot_page.scatter_(-1, idx, torch.where(new, page.view(1, 1, 1), self.slot_page.gather(-1, idx)))
+
+    def clear(self) -> None:
+        """Nothing resident (a reused cache's next request)."""
+        self.join()
+        self.slot_page.fill_(-1)
+        self.cur_slot.zero_()
 
     def write_current(self, k, v, offset: int) -> None:
         """Write tokens [B, H, n, D] into every row's current page from `offset` on."""
@@ -173,8 +202,9 @@ class OffloadedPages:
         return self.k.gather(2, idx), self.v.gather(2, idx)
 
     # ---- promotion: host -> GPU slots ----------------------------------------------------------
-    def promote(self, selected: torch.Tensor, current_page: torch.Tensor) -> None:
-        """Make the resident set exactly `selected` [B, H, K] (page ids, -1 = none) plus the current page.
+    def promote(self, selected: torch.Tensor, current_page: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Make the resident set exactly `selected` [B, H, K] (page ids, -1 = none) plus the current page;
+        with `active` (a device bool [1], a compiled step's rerank flag), only where it holds.
 
         Slots of demoted pages are freed; newly selected pages are copied from the host pool into them.
         Fixed shapes, no host sync: every (row, k) entry is a copy job, and the ones with nothing to copy
@@ -184,9 +214,13 @@ class OffloadedPages:
         sp = self.slot_page
         B, H, S = sp.shape
         keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
+        if active is not None:
+            keep |= ~active
         sp.masked_fill_(~keep & (sp >= 0), -1)
         resident = (selected.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
         missing = (selected >= 0) & ~resident  # [B, H, K]
+        if active is not None:
+            missing &= active
         # pair the r-th missing page of a row with the r-th free slot of that row
         free_first = torch.argsort((sp >= 0).to(torch.int8), dim=-1, stable=True)
         rank = (missing.cumsum(-1) - 1).clamp(min=0)
@@ -199,7 +233,7 @@ class OffloadedPages:
         dst_idx = torch.where(missing, ops.slot_index(self._rows, dst, S), -1).view(-1)
         ps, D = self.k.shape[3:]
         self.wait_offloads(host_reader=not self.pin)
-        for host, gpu in ((self.host_k, self.k), (self.host_v, self.v)):
+        for host, gpu in ((self.host_k_mapped, self.k), (self.host_v_mapped, self.v)):
             ops.copy_pages(host.view(-1, ps, D), src_idx, gpu.view(-1, ps, D), dst_idx)
 
     def promote_in_background(self, selected: torch.Tensor, current_page: torch.Tensor) -> None:
@@ -218,7 +252,7 @@ class OffloadedPages:
                 t.record_stream(self.copy_stream)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
-        self.promoting = (done, self.host_k, self.host_v)  # the pinned pools stay alive until it is done
+        self.promoting = (done, self.host_k, self.host_v, self.host_k_mapped, self.host_v_mapped)  # alive until done
 
     def join(self) -> None:
         """Order the compute stream after a background promotion (a GPU-side wait, no host sync)."""
@@ -251,6 +285,7 @@ class OffloadedPages:
         for name in ("host_k", "host_v"):
             t = getattr(self, name).index_select(1, cpu_idx)
             setattr(self, name, t.pin_memory() if self.pin else t)
+        self._map_host()
 
     def gpu_bytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
