@@ -45,6 +45,8 @@ class FlexiKV:
         self.layer = layer
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # Python's own protocol lookups (copy, pickle, torch.compile's tracer)
+            raise AttributeError(name)
         raise TypeError(
             f"FlexiCache's keys/values were read as a tensor (.{name}) by attention code other than FlexiCache's: "
             'load the model with attn_implementation="flexicache" (after `import flexicache_hf`) and keep it '
@@ -224,7 +226,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         change from step to step under torch.compile); FlexiCache's decode attention reads validity from
         the cache, never the mask. Asked eagerly before a compiled step: room for its token is made here."""
         if torch.compiler.is_compiling():
-            return self.memory.capacity, 0
+            return (self.memory.capacity if self.is_initialized else query_length), 0
         if query_length == 1 and self.length > 0:
             self.ready_for_compiled_step()
             return self.memory.capacity, 0

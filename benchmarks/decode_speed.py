@@ -1,0 +1,158 @@
+"""Decode speed on the path users take: model.generate(), against transformers' fastest dense path, in one run.
+
+    python benchmarks/decode_speed.py --shape 32768x1 [--steps 300] [--layers 32] [--methods ...]
+
+A Llama-3.1-8B-shaped bf16 model with random weights (step time and bytes do not depend on weight values),
+one shape per run. Every method runs a warm-up request (compilation, CUDA graph capture) and then the
+measured request of --steps new tokens; per-step times are the gaps between consecutive tokens (a logits
+processor notes each, after a device sync: generate() waits for every token anyway).
+
+    dense-eager        DynamicCache, sdpa, no compilation (fewer steps: it is slow)
+    dense-sdpa         StaticCache + generate()'s own torch.compile, attn_implementation="sdpa"
+    dense-flex         the same with "flex_attention"
+    flexicache         FlexiCache(model.config) through generate()'s default path (it compiles the step);
+                       the measured request reuses the warm-up's cache after reset()
+    flexicache-fresh   the same with a new FlexiCache per request (every request re-records its CUDA graphs)
+    flexicache-graphs  enable_cuda_graphs(model) instead (our own captured steps)
+
+The bandwidth floor of a step is the bytes it must read (the weights but the embedding table, the K/V it
+attends to, the page metadata it scores) divided by the HBM bandwidth measured in the same run (a device copy).
+Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import flexicache_hf
+from flexicache_hf import FlexiCache
+from flexicache_hf.compat import cache_kwargs
+
+METHODS = ["dense-eager", "dense-sdpa", "dense-flex", "flexicache", "flexicache-fresh", "flexicache-graphs"]
+
+
+class StepClock:
+    """A logits processor that notes when each token is chosen."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hbm_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy of 4 GiB (read + write counted)."""
+    x = torch.empty(2**31, dtype=torch.int16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 10 * 2 * x.nbytes / (time.perf_counter() - t)
+
+
+def generate(model, ids, new, clock, **kw):
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, logits_processor=[clock], **kw)
+    torch.cuda.synchronize()
+    return clock.times[0] - t0  # time to the first token
+
+
+def run(model, method, ids, steps):
+    impl = {"dense-eager": "sdpa", "dense-sdpa": "sdpa", "dense-flex": "flex_attention"}.get(method, "flexicache")
+    model.set_attn_implementation(impl)
+    kw, cache = {}, None
+    if method == "dense-eager":
+        kw, steps = {"disable_compile": True}, min(steps, 64)
+    elif method.startswith("dense"):
+        kw = {"cache_implementation": "static"}
+    else:
+        cache = FlexiCache(model.config)
+        if method == "flexicache-graphs":
+            flexicache_hf.enable_cuda_graphs(model)
+    try:
+        warm = StepClock()
+        ttft_first = generate(model, ids, 24, warm, **kw, **(cache_kwargs(cache) if cache else {}))
+        if cache is not None:
+            if method == "flexicache-fresh":
+                cache = FlexiCache(model.config)
+            else:
+                cache.reset()
+            kw.update(cache_kwargs(cache))
+        clock = StepClock()
+        torch.cuda.reset_peak_memory_stats()
+        ttft = generate(model, ids, steps + 1, clock, **kw)
+    finally:
+        flexicache_hf.disable_cuda_graphs(model)
+    gaps = sorted(1000 * (b - a) for a, b in zip(clock.times, clock.times[1:]))
+    row = {"method": method, "ttft_s": ttft, "ttft_first_s": ttft_first, "median_ms": statistics.median(gaps),
+           "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], "max_ms": gaps[-1], "steps": len(gaps)}
+    if cache is not None:
+        rep = cache.memory_report()
+        row["kv_reserved_gib"] = (rep["gpu_reserved_bytes"]) / 2**30
+        row["report"] = rep
+    return row
+
+
+def step_bytes(model, method, batch, ctx, report=None) -> float:
+    """Bytes one decode step must read (see the module doc)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= model.get_input_embeddings().weight.nbytes  # a lookup reads a row per token
+    cfg = model.config
+    layers, kv_heads, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    if not method.startswith("flexicache"):
+        return weights + 2 * layers * batch * kv_heads * ctx * d * 2
+    c = FlexiCache(model.config).config
+    tokens = min(ctx, (c.topk_pages + 1) * c.page_size)  # the selected pages and the current one, every head
+    selected = 2 * layers * batch * kv_heads * tokens * d * 2
+    meta = report["metadata_bytes"] if report else 0
+    return weights + selected + meta  # every page's metadata is scored (stable heads: every step in v1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="32768x1", help="context x batch")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    args = ap.parse_args(argv)
+    ctx, batch = map(int, args.shape.split("x"))
+    from gpu_e2e import llama8b
+
+    torch._dynamo.config.cache_size_limit = 64  # one model, several attention implementations and shapes
+    bw = hbm_bandwidth()
+    model = llama8b(args.layers)
+    ids = torch.randint(0, 32000, (batch, ctx), device="cuda")
+    rows = []
+    for method in args.methods:
+        row = run(model, method, ids, args.steps)
+        row["floor_ms"] = 1000 * step_bytes(model, method, batch, ctx, row.get("report")) / bw
+        rows.append(row)
+        print(row, flush=True)
+    name = torch.cuda.get_device_name()
+    best = min((r["median_ms"] for r in rows if r["method"] in ("dense-sdpa", "dense-flex")), default=None)
+    print(f"\n{name}, torch {torch.__version__}, HBM copy bandwidth {bw / 1e12:.2f} TB/s, Llama-3.1-8B shape bf16, "
+          f"{args.layers} layers, context {ctx} x batch {batch}, {args.steps} measured steps after a warm-up request\n")
+    print("| method | median ms | p99 ms | max ms | floor ms | median / floor | vs fastest compiled dense | "
+          "TTFT s (warm) | TTFT s (first request) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speedup = f"{best / r['median_ms']:.2f}x" if best else "-"
+        print(f"| {r['method']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['floor_ms']:.2f} | "
+              f"{r['median_ms'] / r['floor_ms']:.2f} | {speedup} | {r['ttft_s']:.2f} | {r['ttft_first_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""generate() compiles FlexiCache's decode step (is_compileable): one graph serves every step kind, the
+tokens are those of the eager step, full budget equals dense, a reused cache keeps its graphs.
+
+On the CPU, transformers' own compile path runs with the "eager" backend and fullgraph=True (any graph
+break fails); on CUDA (device tool), the default path: inductor with CUDA graphs."""
+
+import pytest
+import torch
+from conftest import make_cache, tiny_pair
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+
+from flexicache_hf.compat import cache_kwargs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+KNOBS = dict(topk_pages=2, page_size=4, rerank_interval=3, host_headroom_pages=4)
+
+
+def _inputs(device):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 256, (2, 61), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    return ids, mask
+
+
+def _generate(model, cache, ids, mask, compiled, new=40):
+    if compiled is None:
+        kw = {}  # generate()'s default: compiles on CUDA
+    elif compiled:
+        cfg = CompileConfig(backend="eager", fullgraph=True, mode=None)
+        cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        kw = {"compile_config": cfg}
+    else:
+        kw = {"disable_compile": True}
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              **cache_kwargs(cache), **kw)
+
+
+def _graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair("llama", 6, 2, 32, layers=2)
+
+
+def test_compiled_decode_equals_the_eager_step_with_one_graph_for_every_step_kind(pair):
+    """40 steps over fills, new pages, reranks and buffer growth: the same tokens, the same K/V, and a graph
+    only when a buffer grew (shapes change; transformers' dynamic shapes absorb later growth)."""
+    torch._dynamo.reset()
+    _, fc = pair
+    ids, mask = _inputs("cpu")
+    eager_cache, compiled_cache = make_cache(fc, **KNOBS), make_cache(fc, **KNOBS)
+    eager = _generate(fc, eager_cache, ids, mask, False)
+    before = _graphs()
+    compiled = _generate(fc, compiled_cache, ids, mask, True)
+    assert torch.equal(eager, compiled)
+    assert _graphs() - before <= 2
+    assert compiled_cache.get_seq_length() == eager_cache.get_seq_length()
+    for i in range(len(fc.model.layers)):
+        for a, b in zip(eager_cache.full_kv(i), compiled_cache.full_kv(i)):
+            assert torch.equal(a, b)  # nothing lost, bit for bit
+
+
+def test_a_reused_cache_compiles_nothing_more(pair):
+    """The next request on a reset cache reuses its buffers: no new graph, the same tokens."""
+    torch._dynamo.reset()
+    _, fc = pair
+    ids, mask = _inputs("cpu")
+    cache = make_cache(fc, **KNOBS)
+    first = _generate(fc, cache, ids, mask, True)
+    memory = cache.layers[0].memory
+    cache.reset()
+    before = _graphs()
+    again = _generate(fc, cache, ids, mask, True)
+    assert torch.equal(first, again) and _graphs() == before and cache.layers[0].memory is memory
+
+
+def test_full_budget_compiled_equals_dense(pair):
+    torch._dynamo.reset()
+    ref, fc = pair
+    ids, mask = _inputs("cpu")
+    dense = ref.generate(ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert torch.equal(dense, _generate(fc, make_cache(fc, topk_pages=64, page_size=4, rerank_interval=3), ids, mask, True))
+
+
+def test_a_compiled_prefill_is_a_clear_error(pair):
+    _, fc = pair
+    ids, _ = _inputs("cpu")
+    cache = make_cache(fc, **KNOBS)
+    forward = torch.compile(fc.__call__, backend="eager", fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="compiles decode steps only"):
+        forward(input_ids=ids, **cache_kwargs(cache))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_generate_on_cuda_compiles_and_equals_eager(dtype):
+    """generate()'s own path on CUDA (inductor, CUDA graphs): the eager step's tokens (fp32; bf16 within a
+    token or two of drift is not accepted either: kernels and references are the same code), full budget equals
+    dense, and a reused cache adds no graph."""
+    torch._dynamo.reset()
+    ref, fc = tiny_pair("llama", 6, 2, 32, layers=2, dtype=dtype)
+    ref, fc = ref.cuda(), fc.cuda()
+    ids, mask = _inputs("cuda")
+    eager = _generate(fc, make_cache(fc, **KNOBS), ids, mask, False)
+    cache = make_cache(fc, **KNOBS)
+    compiled = _generate(fc, cache, ids, mask, None)
+    assert torch.equal(eager, compiled)
+    cache.reset()
+    before = _graphs()
+    assert torch.equal(_generate(fc, cache, ids, mask, None), compiled) and _graphs() == before
+    dense = ref.generate(ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    full = _generate(fc, make_cache(fc, topk_pages=64, page_size=4, rerank_interval=3), ids, mask, None)
+    assert torch.equal(dense, full)
