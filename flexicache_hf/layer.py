@@ -10,7 +10,7 @@ Layer state is the memory's: its length and the length at the last multi-token f
 afresh after one); the step kind (DecodeFlags) is derived from the two.
 
 Under torch.compile (generate() compiles the decode step on CUDA: `is_compileable`) a decode step reads no
-Python state that changes from step to step: the memory appends with `append_token_static` and
+Python state that changes from step to step: the memory appends with `append_token(k, v, None, None)` and
 decode_step runs with flags=None (the step kind is decided on the device), so one compiled graph serves
 every step. Before each step, transformers asks the cache for the mask sizes (eagerly, in
 prepare_inputs_for_generation): that is where room for the step's token is made, since a compiled step
@@ -54,7 +54,58 @@ class FlexiKV:
         )
 
 
-class FlexiCacheLayer(CacheLayerMixin):
+class WholeContext:
+    """FlexiCacheLayer's operations on the whole context: read it, crop it, re-page it, reorder the batch."""
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            raise ValueError(f"layer {self.layer_idx} holds no K/V yet: run a forward pass first")
+        return self.memory.full_kv()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens (negative argument), or keep the first `n` (positive, the legacy form)."""
+        if not self.is_initialized:
+            return
+        keep = self.length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self.length)
+        if keep < 0:
+            raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache holding {self.length}")
+        if keep != self.length:
+            keys, values = self.full_kv()
+            self.rebuild(keys[:, :, :keep], values[:, :, :keep], self.memory.kv_valid[:, :keep].clone())
+
+    def rebuild(self, keys, values, valid) -> None:
+        """Re-page a whole context (crop, repartition, a prefill made elsewhere): the storage rules of a
+        prefill; every head selects afresh at the next decode step (new buffers: keys/values may be views of
+        the old ones)."""
+        self.release()
+        self.update(keys, values)
+        self.pending = None
+        self.memory.mark_valid(valid, 0)
+        self.memory.summarise_pages(0, keys=keys)
+
+    def repartition(self, unstable_heads: list[int]) -> None:
+        """Move to a new stable/unstable split (after online calibration); every K/V is kept."""
+        if not self.is_initialized:
+            return self.set_split(unstable_heads)
+        keys, values = self.full_kv()
+        valid = self.memory.kv_valid[:, : self.length].clone()
+        self.set_split(unstable_heads)
+        self.rebuild(keys, values, valid)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized and self.length > 0:
+            self.memory.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.memory.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.memory.select_batch(torch.arange(self.memory.batch, device=self.device).repeat_interleave(repeats))
+
+
+class FlexiCacheLayer(WholeContext, CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
@@ -129,7 +180,7 @@ class FlexiCacheLayer(CacheLayerMixin):
         if key_states.shape[2] != 1 or not self.is_initialized:
             raise RuntimeError("FlexiCache compiles decode steps only: run the prefill (the first forward of a "
                                "request, and any multi-token forward) without torch.compile, as generate() does")
-        self.memory.append_token_static(key_states, value_states)
+        self.memory.append_token(key_states, value_states, None, None)
         self.pending = _COMPILED
         handle = FlexiKV(self)
         return handle, handle
@@ -210,12 +261,6 @@ class FlexiCacheLayer(CacheLayerMixin):
         if self.is_initialized and self.length > 0:
             self.memory.ready_for_static_step()
 
-    # ---- whole context, CacheLayerMixin ----------------------------------------------------------
-    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            raise ValueError(f"layer {self.layer_idx} holds no K/V yet: run a forward pass first")
-        return self.memory.full_kv()
-
     def get_seq_length(self) -> int:
         if torch.compiler.is_compiling():  # the length as a tensor, as transformers' static layers give it
             return self.memory.pos[0] if self.memory is not None else 0
@@ -245,48 +290,6 @@ class FlexiCacheLayer(CacheLayerMixin):
         """Empty and drop every buffer."""
         self.reset()
         self.memory = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last tokens (negative argument), or keep the first `n` (positive, the legacy form)."""
-        if not self.is_initialized:
-            return
-        keep = self.length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self.length)
-        if keep < 0:
-            raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache holding {self.length}")
-        if keep != self.length:
-            keys, values = self.full_kv()
-            self.rebuild(keys[:, :, :keep], values[:, :, :keep], self.memory.kv_valid[:, :keep].clone())
-
-    def rebuild(self, keys, values, valid) -> None:
-        """Re-page a whole context (crop, repartition, a prefill made elsewhere): the storage rules of a
-        prefill; every head selects afresh at the next decode step (new buffers: keys/values may be views of
-        the old ones)."""
-        self.release()
-        self.update(keys, values)
-        self.pending = None
-        self.memory.mark_valid(valid, 0)
-        self.memory.summarise_pages(0, keys=keys)
-
-    def repartition(self, unstable_heads: list[int]) -> None:
-        """Move to a new stable/unstable split (after online calibration); every K/V is kept."""
-        if not self.is_initialized:
-            return self.set_split(unstable_heads)
-        keys, values = self.full_kv()
-        valid = self.memory.kv_valid[:, : self.length].clone()
-        self.set_split(unstable_heads)
-        self.rebuild(keys, values, valid)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized and self.length > 0:
-            self.memory.select_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.memory.select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.memory.select_batch(torch.arange(self.memory.batch, device=self.device).repeat_interleave(repeats))
 
 
 # ---- attn_implementation="flexicache" ---------------------------------------------------------------

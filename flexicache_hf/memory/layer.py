@@ -12,8 +12,8 @@ the last multi-token append (`selected_at`, after which every head selects afres
 the full pages, `length // page_size`; the host pool holds every token of the stable heads (written
 through as each arrives).
 
-Two ways to run a decode step: `append_token` (eager, Python branches on the step kind) and
-`append_token_static` (a compiled step: no Python branch, no Python length; it leaves the same state, and
+A decode step appends its token eagerly (append_token with the step kind: Python branches on it) or
+compiled (append_token(k, v, None, None): no Python branch, no Python length; the same state results, and
 `length` catches up from `pos` when next read).
 """
 
@@ -38,7 +38,65 @@ class Chunk(NamedTuple):
     v: torch.Tensor
 
 
-class LayerMemory:
+class ContextViews:
+    """LayerMemory's whole-context reads (prefill chunks, crop, full_kv) and its byte counts."""
+
+    def context(self, chunk: Chunk | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each head group's whole context: [(its KV heads [Hg], K, V [B, Hg, length, D])]."""
+        parts = []
+        if self.unstable is not None:
+            parts.append((self.unstable_heads, *self.unstable.read(self.length)))
+        if self.stable is not None:
+            parts.append((self.stable_heads, *self._stable_context(chunk)))
+        return parts
+
+    def _stable_context(self, chunk: Chunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every K/V of the stable heads, [B, Hs, length, D]: host pages, then the newest tokens (a multi-token
+        append's chunk, or the partial current page), each copied once into the result."""
+        L, ps, off = self.length, self.page_size, self.stable
+        if chunk is not None:
+            first, tail_k, tail_v = chunk
+        else:
+            first = self.full_pages * ps
+            ck, cv = off.current_page()
+            tail_k, tail_v = ck[:, :, 0, : L - first], cv[:, :, 0, : L - first]
+        B, H, D = self.batch, len(self.stable_heads), self.head_dim
+        k = torch.empty(B, H, L, D, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        if first:
+            for dst, src in zip((k, v), off.host_pages(0, first // ps)):
+                dst[:, :, :first].view(B, H, first // ps, ps, D).copy_(src)
+        k[:, :, first:] = tail_k
+        v[:, :, first:] = tail_v
+        return k, v
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every K/V of this layer, [B, H, length, D], from the GPU pages, the host pool and the slots."""
+        k_u = v_u = k_s = v_s = None
+        if self.unstable is not None:
+            k_u, v_u = self.unstable.read(self.length)
+        if self.stable is not None:
+            k_s, v_s = self._stable_context()
+        return self.merge(k_u, k_s), self.merge(v_u, v_s)
+
+    def report(self) -> dict:
+        es = torch.finfo(self.dtype).bits // 8
+        unstable = self.unstable.bytes_in_use(self.length) if self.unstable is not None else 0
+        stable = self.stable.gpu_bytes() if self.stable is not None else 0
+        gpu_reserved, host_reserved = reserved_bytes(self)
+        return {
+            "gpu_kv_bytes": unstable + stable,
+            "unstable_gpu_kv_bytes": unstable,
+            "stable_gpu_kv_bytes": stable,
+            "host_kv_bytes": self.stable.host_bytes(self.full_pages) if self.stable is not None else 0,
+            "metadata_bytes": sum(g.meta.nbytes(self.full_pages) for g in self.groups),
+            "dense_kv_bytes": 2 * self.batch * self.num_heads * self.length * self.head_dim * es,
+            "gpu_reserved_bytes": gpu_reserved,
+            "host_reserved_bytes": host_reserved,
+        }
+
+
+class LayerMemory(ContextViews):
     def __init__(self, keys: torch.Tensor, unstable: list[int], cfg, summarise):
         """keys: the first forward's keys [B, H, T, D] (shapes, dtype, device); unstable: the unstable KV heads;
         cfg: a FlexiCacheConfig; summarise(keys, valid) -> kmin, kmax, codes: a page's selection metadata."""
@@ -179,35 +237,6 @@ class LayerMemory:
         """valid [B or 1, n]: which of the tokens appended at `start` may be attended (not padding)."""
         self.kv_valid[:, start : start + valid.shape[1]] = valid.expand(self.batch, -1)
 
-    def context(self, chunk: Chunk | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Each head group's whole context: [(its KV heads [Hg], K, V [B, Hg, length, D])]."""
-        parts = []
-        if self.unstable is not None:
-            parts.append((self.unstable_heads, *self.unstable.read(self.length)))
-        if self.stable is not None:
-            parts.append((self.stable_heads, *self._stable_context(chunk)))
-        return parts
-
-    def _stable_context(self, chunk: Chunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every K/V of the stable heads, [B, Hs, length, D]: host pages, then the newest tokens (a multi-token
-        append's chunk, or the partial current page), each copied once into the result."""
-        L, ps, off = self.length, self.page_size, self.stable
-        if chunk is not None:
-            first, tail_k, tail_v = chunk
-        else:
-            first = self.full_pages * ps
-            ck, cv = off.current_page()
-            tail_k, tail_v = ck[:, :, 0, : L - first], cv[:, :, 0, : L - first]
-        B, H, D = self.batch, len(self.stable_heads), self.head_dim
-        k = torch.empty(B, H, L, D, dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
-        if first:
-            for dst, src in zip((k, v), off.host_pages(0, first // ps)):
-                dst[:, :, :first].view(B, H, first // ps, ps, D).copy_(src)
-        k[:, :, first:] = tail_k
-        v[:, :, first:] = tail_v
-        return k, v
-
     def summarise_pages(self, first_page: int, keys=None, keys_by_group=None) -> None:
         """Selection metadata of the full pages from `first_page` on, from the keys of the whole context:
         `keys` [B, H, T, D] of every head, or `keys_by_group` (one per group, as context() orders them)."""
@@ -227,23 +256,16 @@ class LayerMemory:
         self.page_valid[:, p0:p1] = valid.view(self.batch, -1, ps).any(-1)
 
     # ---- decode: one token -------------------------------------------------------------------
-    def append_token(self, k: torch.Tensor, v: torch.Tensor, new_page: bool, fill: bool) -> None:
+    def append_token(self, k: torch.Tensor, v: torch.Tensor, new_page: bool | None, fill: bool | None) -> None:
         """Decode: one token [B, H, 1, D] at position `pos`, always valid; when it fills its page, the page's
-        metadata is written."""
-        self.reserve(self.length + 1)
-        self._write_token(k, v, new_page)
-        if fill:
-            self._summarise_current()
+        metadata is written.
 
-    def append_token_static(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """append_token for a compiled step: whether the token starts a page is decided on the device, and
-        the current page's metadata is rewritten at every step (it is read only once the page is full, when
-        it equals what append_token writes at the fill). Room for the token was made beforehand
-        (ready_for_static_step): a compiled step cannot grow a buffer."""
-        self._write_token(k, v, None)
-        self._summarise_current()
-
-    def _write_token(self, k, v, new_page) -> None:
+        new_page = fill = None: a compiled step. Whether the token starts a page is decided on the device, and
+        the current page's metadata is rewritten at every step (it is read only once the page is full, when it
+        equals what the fill step writes). Room was made beforehand (ready_for_static_step): a compiled step
+        cannot grow a buffer."""
+        if fill is not None:
+            self.reserve(self.length + 1)
         k_u, k_s = self.split(k)
         v_u, v_s = self.split(v)
         if self.unstable is not None:
@@ -251,6 +273,8 @@ class LayerMemory:
         if self.stable is not None:
             self.stable.write_token(k_s, v_s, self.pos, new_page)
         self.kv_valid.index_fill_(1, self.pos, True)
+        if fill is None or fill:
+            self._summarise_current()
 
     def _summarise_current(self) -> None:
         """Metadata and validity of the page that holds `pos`, from its tokens so far."""
@@ -309,15 +333,6 @@ class LayerMemory:
             self.stable.join()
 
     # ---- whole context, batch, accounting ------------------------------------------------------
-    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every K/V of this layer, [B, H, length, D], from the GPU pages, the host pool and the slots."""
-        k_u = v_u = k_s = v_s = None
-        if self.unstable is not None:
-            k_u, v_u = self.unstable.read(self.length)
-        if self.stable is not None:
-            k_s, v_s = self._stable_context()
-        return self.merge(k_u, k_s), self.merge(v_u, v_s)
-
     def select_batch(self, idx: torch.Tensor) -> None:
         idx = idx.to(self.device)
         for group in self.groups:
@@ -327,21 +342,6 @@ class LayerMemory:
         self.batch = idx.numel()
         self.version += 1
 
-    def report(self) -> dict:
-        es = torch.finfo(self.dtype).bits // 8
-        unstable = self.unstable.bytes_in_use(self.length) if self.unstable is not None else 0
-        stable = self.stable.gpu_bytes() if self.stable is not None else 0
-        gpu_reserved, host_reserved = reserved_bytes(self)
-        return {
-            "gpu_kv_bytes": unstable + stable,
-            "unstable_gpu_kv_bytes": unstable,
-            "stable_gpu_kv_bytes": stable,
-            "host_kv_bytes": self.stable.host_bytes(self.full_pages) if self.stable is not None else 0,
-            "metadata_bytes": sum(g.meta.nbytes(self.full_pages) for g in self.groups),
-            "dense_kv_bytes": 2 * self.batch * self.num_heads * self.length * self.head_dim * es,
-            "gpu_reserved_bytes": gpu_reserved,
-            "host_reserved_bytes": host_reserved,
-        }
 
 
 def state_tensors(owner) -> list[torch.Tensor]:

@@ -151,37 +151,29 @@ class OffloadedPages:
             self.write_current(k[:, :, full * ps :], v[:, :, full * ps :], 0)
         return first, k, v
 
-    def start_page(self, page: int | torch.Tensor) -> None:
-        """Give every row a free slot for its new current page `page` (an int, or a device tensor [1])."""
+    def start_page(self, page: int | torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """Give every row a free slot for its new current page `page` (an int, or a device tensor [1]); with
+        `where` (a device bool [1], a compiled step) only where it holds, with no Python branch."""
         self.join()
-        free = self.slot_page < 0
         # first free slot per row; the slot count guarantees one exists (topk + current + tail pages)
-        self.cur_slot.copy_(free.to(torch.int8).argmax(-1))
+        free = (self.slot_page < 0).to(torch.int8).argmax(-1)
+        self.cur_slot.copy_(free if where is None else torch.where(where, free, self.cur_slot))
         idx = self.cur_slot.unsqueeze(-1)
-        if isinstance(page, torch.Tensor):
-            self.slot_page.scatter_(-1, idx, page.view(1, 1, 1).expand_as(idx))
-        else:
-            self.slot_page.scatter_(-1, idx, page)
+        page = torch.as_tensor(page, device=self.device).view(1, 1, 1).expand_as(idx)
+        self.slot_page.scatter_(-1, idx, page if where is None else torch.where(where, page, self.slot_page.gather(-1, idx)))
 
     def write_token(self, k, v, pos: torch.Tensor, new_page: bool | None) -> None:
         """Decode: one token [B, H, 1, D] at position `pos` (device tensor [1]) into the current page, which
         it starts if `new_page` (None: decided on the device, for a compiled step), and into the host pool."""
         self.join()
         if new_page is None:
-            self._start_page_if(pos % self.page_size == 0, pos // self.page_size)
+            self.start_page(pos // self.page_size, where=pos % self.page_size == 0)
         elif new_page:
             self.start_page(pos // self.page_size)
         idx = (self._b, self._h, self.cur_slot, pos % self.page_size)
         self.k.index_put_(idx, k[:, :, 0])
         self.v.index_put_(idx, v[:, :, 0])
         self.write_through(k, v, pos)
-
-    def _start_page_if(self, new: torch.Tensor, page: torch.Tensor) -> None:
-        """start_page where the device bool `new` [1] holds, with no Python branch."""
-        free_slot = (self.slot_page < 0).to(torch.int8).argmax(-1)
-        self.cur_slot.copy_(torch.where(new, free_slot, self.cur_slot))
-        idx = self.cur_slot.unsqueeze(-1)
-        self.slot_page.scatter_(-1, idx, torch.where(new, page.view(1, 1, 1), self.slot_page.gather(-1, idx)))
 
     def clear(self) -> None:
         """Nothing resident (a reused cache's next request)."""
@@ -211,24 +203,8 @@ class OffloadedPages:
         carry index -1, which the copy skips.
         """
         self.join()
-        sp = self.slot_page
-        B, H, S = sp.shape
-        keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
-        if active is not None:
-            keep |= ~active
-        sp.masked_fill_(~keep & (sp >= 0), -1)
-        resident = (selected.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
-        missing = (selected >= 0) & ~resident  # [B, H, K]
-        if active is not None:
-            missing &= active
-        # pair the r-th missing page of a row with the r-th free slot of that row
-        free_first = torch.argsort((sp >= 0).to(torch.int8), dim=-1, stable=True)
-        rank = (missing.cumsum(-1) - 1).clamp(min=0)
-        dst = free_first.gather(-1, rank)
-        # block table: missing pages into their slots; everything else lands in a spare column S
-        table = torch.cat([sp, sp.new_full((B, H, 1), -1)], dim=-1)
-        table.scatter_(-1, torch.where(missing, dst, S), selected)
-        sp.copy_(table[..., :S])
+        missing, dst = plan_promotion(self.slot_page, selected, current_page, active)
+        B, H, S = self.slot_page.shape
         src_idx = torch.where(missing, ops.host_index(selected, self._rows, B * H), -1).view(-1)
         dst_idx = torch.where(missing, ops.slot_index(self._rows, dst, S), -1).view(-1)
         ps, D = self.k.shape[3:]
@@ -293,3 +269,25 @@ class OffloadedPages:
     def host_bytes(self, pages: int) -> int:
         """Bytes of the first `pages` pages of the host pool (K and V)."""
         return 2 * pages * self.host_k[0].nbytes
+
+
+def plan_promotion(sp: torch.Tensor, selected: torch.Tensor, current_page: torch.Tensor, active=None):
+    """Update the slot table `sp` [B, H, S] in place for a promotion of `selected` [B, H, K]; returns which
+    selected pages must be copied in (`missing` [B, H, K]) and the slot each goes to (`dst`)."""
+    B, H, S = sp.shape
+    keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
+    if active is not None:
+        keep |= ~active
+    sp.masked_fill_(~keep & (sp >= 0), -1)
+    resident = (selected.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
+    missing = (selected >= 0) & ~resident
+    if active is not None:
+        missing &= active
+    # pair the r-th missing page of a row with the r-th free slot of that row
+    free_first = torch.argsort((sp >= 0).to(torch.int8), dim=-1, stable=True)
+    dst = free_first.gather(-1, (missing.cumsum(-1) - 1).clamp(min=0))
+    # block table: missing pages into their slots; everything else lands in a spare column S
+    table = torch.cat([sp, sp.new_full((B, H, 1), -1)], dim=-1)
+    table.scatter_(-1, torch.where(missing, dst, S), selected)
+    sp.copy_(table[..., :S])
+    return missing, dst
