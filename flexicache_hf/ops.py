@@ -308,6 +308,8 @@ def _on(t: torch.Tensor):
 
 
 def page_minmax(keys, valid, page_size, use_kernels="auto"):
+    if torch.compiler.is_compiling():  # one page per step: the compiler fuses the reference
+        return page_minmax_ref(keys, valid, page_size)
     k = _kernels(keys.device, use_kernels)
     if k is None:
         return page_minmax_ref(keys, valid, page_size)

@@ -296,6 +296,34 @@ def test_kernel_copy_pages(D, dtype, src_on_host):
     assert torch.equal(dst, expect)
 
 
+@pytest.mark.parametrize("to_host", [True, False])
+def test_kernel_copy_pages_one_token_rows_through_a_mapped_pool(to_host):
+    """Decode write-through and promotion address the pinned pool through its CUDA view (alloc.mapped), and
+    the write-through copies rows of one token (pages [1, D])."""
+    from flexicache_hf.memory.alloc import mapped
+
+    D, rows, S = 40, 7, 19
+    host = torch.randn(S, 1, D).to(torch.bfloat16)
+    gpu = torch.randn(rows, 1, D).to(torch.bfloat16).to(DEV)
+    if DEV.type == "cuda":
+        host = host.pin_memory()
+    view = mapped(host, DEV) if DEV.type == "cuda" else host
+    src_idx, dst_idx = torch.arange(rows, device=DEV), torch.randperm(S, device=DEV)[:rows]
+    if to_host:
+        expect = host.clone()
+        ops.copy_pages_ref(gpu.cpu(), src_idx.cpu(), expect, dst_idx.cpu())
+        copy.copy_pages(gpu, src_idx, view, dst_idx)
+        got = host
+    else:
+        expect = gpu.clone()
+        ops.copy_pages_ref(host.to(DEV), dst_idx, expect, src_idx)
+        copy.copy_pages(view, dst_idx, gpu, src_idx)
+        got = gpu
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), expect.cpu())
+
+
 def test_kernel_copy_pages_empty_and_through_ops():
     src = torch.randn(6, 16, 64)
     if DEV.type == "cuda":
