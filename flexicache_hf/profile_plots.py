@@ -26,38 +26,11 @@ def _plt():
 
 
 def plot_stability_heatmap(profile: HeadProfile, path, title: str | None = None) -> None:
-    """Instability (mean 1 - TS) per layer x KV head, unstable heads of the profile marked with a dot.
+    """Instability (mean 1 - TS) per layer x KV head, unstable heads of the profile marked (viz.stability_heatmap).
+    A profile without metadata["instability"] (e.g. the paper's) is drawn as its unstable mask."""
+    from flexicache_hf import viz
 
-    A profile without metadata["instability"] (e.g. the paper's) is drawn as its unstable mask.
-    """
-    plt = _plt()
-    L, H = profile.num_layers, profile.num_kv_heads
-    inst = profile.metadata.get("instability")
-    if inst is not None:
-        grid = torch.tensor(inst, dtype=torch.float32)
-        label = "instability (1 - TS)"
-    else:
-        grid = torch.zeros(L, H)
-        for l, h in profile.unstable:
-            grid[l, h] = 1
-        label = "unstable (profile)"
-    fig_w = min(16, max(6, 0.32 * L + 2))
-    fig, ax = plt.subplots(figsize=(fig_w, max(2.2, 0.45 * H + 1.4)))
-    im = ax.imshow(grid.T.numpy(), aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
-    if profile.unstable:
-        ls, hs = zip(*profile.unstable)
-        ax.scatter(ls, hs, s=14, c="red", marker="o")
-    ax.set_xlabel(f"layer    (red dots: the profile's {len(profile.unstable)} unstable heads of {L * H})")
-    ax.set_ylabel("KV head")
-    ax.set_yticks(range(H))
-    step = max(1, L // 16)
-    ax.set_xticks(range(0, L, step))
-    fig.colorbar(im, ax=ax, label=label, pad=0.01)
-    m = profile.metadata
-    ax.set_title(title or f"{m.get('model_id') or 'model'}: head instability (K={m.get('topk_pages')} pages of {m.get('page_size')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    viz.save(viz.stability_heatmap(profile, title=title), path)
 
 
 def plot_rco_curves(
