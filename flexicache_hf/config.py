@@ -19,6 +19,7 @@ MAX_TOKENS = 1 << 24
 MAX_PAGES = MAX_TOKENS
 MAX_PAGE_SIZE = 256
 MAX_RERANK_INTERVAL = 4096
+MAX_WARMUP_STEPS = 4096
 
 
 def _is_int(value) -> bool:
@@ -34,6 +35,13 @@ class FlexiCacheConfig:
         page_size: tokens per page; a positive power of two.
         topk_pages: pages each head attends to at decode (besides the current page and the tail).
         rerank_interval: stable heads re-select their pages every this many decode steps.
+        warmup_steps: during this many decode steps after a prefill (any multi-token forward), stable heads
+            re-select at every step with immediate effect (the new pages are copied up before the step's
+            attention, as at the first step); after them, the periodic rerank every rerank_interval steps.
+            At tight budgets the heads that copy an answer need its page only once the answer starts, after
+            the first step's selection (docs/accuracy.md, "Tight budgets", "Warm-up"). 0: select at the first
+            step only. The default stays 0 until the layer's eager step (FlexiCacheLayer.decode_flags) passes
+            this knob to DecodeFlags.at; until then only compiled steps (LayerMemory.rerank_flags) warm up.
         host_headroom_pages: the least headroom, in pages, reserved (GPU buffers, page metadata and the
             pinned host pool) beyond the tokens held: each reservation adds an eighth of the context or
             this many pages, whichever is more, so that decoding grows buffers rarely while what is
@@ -68,6 +76,7 @@ class FlexiCacheConfig:
     page_size: int = 16
     topk_pages: int = 64
     rerank_interval: int = 16
+    warmup_steps: int = 0
     host_headroom_pages: int = 16
     max_cache_len: int | None = None
     calibration_steps: int = 32
@@ -87,6 +96,8 @@ class FlexiCacheConfig:
             ("page_size", 1, MAX_PAGE_SIZE, "e.g. 16"),
             ("topk_pages", 1, MAX_PAGES, "e.g. 64 (a 1024-token budget with 16-token pages)"),
             ("rerank_interval", 1, MAX_RERANK_INTERVAL, "e.g. 16 (1 re-ranks stable heads every step)"),
+            ("warmup_steps", 0, MAX_WARMUP_STEPS, "e.g. 16 (0: stable heads select at the first decode step only, "
+             "then every rerank_interval steps)"),
             ("host_headroom_pages", 0, MAX_PAGES, "e.g. 16"),
             ("calibration_steps", 16, MAX_RERANK_INTERVAL, "e.g. 32 (stability is measured over 16-step chunks)"),
         ):

@@ -26,13 +26,20 @@ class DecodeFlags(NamedTuple):
     new_page: bool  # the token starts a page: stable heads give it a slot
     fill: bool  # the token fills its page: metadata, and the stable heads' page goes to the host pool
     rerank: bool  # stable heads re-select and promote
-    first: bool  # the first step after a multi-token forward: promote at once (nothing is resident)
+    first: bool  # promote at once, before attention: the first step after a multi-token forward (nothing is
+    #              resident) and every step of the warm-up after it
 
     @classmethod
-    def at(cls, length: int, selected_at: int, page_size: int, rerank_interval: int, has_stable: bool) -> "DecodeFlags":
-        since = length - selected_at  # decode steps since the last full selection
+    def at(cls, length: int, selected_at: int, page_size: int, rerank_interval: int, has_stable: bool,
+           warmup_steps: int = 0) -> "DecodeFlags":
+        """The step kind. During the first `warmup_steps` decode steps after a multi-token forward the stable
+        heads re-select at every step with immediate effect (docs/method.md, "Rerank and promotion"); after
+        them, a periodic rerank every `rerank_interval` steps (counted from that forward), which promotes after
+        attention. LayerMemory.rerank_flags is the same rule on the device."""
+        since = length - selected_at  # decode steps since the last multi-token forward
+        first = since == 0 or since < warmup_steps
         return cls(new_page=length % page_size == 0, fill=(length + 1) % page_size == 0,
-                   rerank=has_stable and since % rerank_interval == 0, first=since == 0)
+                   rerank=has_stable and (first or since % rerank_interval == 0), first=first)
 
 
 # ---- the step ----------------------------------------------------------------------------------------

@@ -43,6 +43,13 @@ from flexicache_hf import FlexiCache, FlexiCacheConfig, HeadProfile
         (dict(auto_unstable=100.0), "auto_unstable=100.0 is invalid"),
         (dict(auto_unstable="0.25"), "auto_unstable='0.25' is invalid"),
         (dict(auto_unstable=True), "auto_unstable=True is invalid"),
+        # the stable heads' warm-up: decode steps, 0 (none) up to the rerank interval's bound
+        (dict(warmup_steps=-1), "warmup_steps=-1 is invalid: it must be an int in \\[0, 4096\\], e.g. 16 \\(0: stable heads"),
+        (dict(warmup_steps=10**6), "warmup_steps=1000000 is invalid: it must be an int in \\[0, 4096\\]"),
+        (dict(warmup_steps=16.0), "warmup_steps=16.0 is invalid"),
+        (dict(warmup_steps=True), "warmup_steps=True is invalid"),
+        (dict(warmup_steps="16"), "warmup_steps='16' is invalid"),
+        (dict(warmup_steps=None), "warmup_steps=None is invalid"),
     ],
 )
 def test_config_rejects(knobs, match):
@@ -52,8 +59,10 @@ def test_config_rejects(knobs, match):
 
 def test_config_takes_numpy_ints_as_ints():
     np = pytest.importorskip("numpy")
-    c = FlexiCacheConfig(topk_pages=np.int64(8), auto_unstable=np.int64(4), page_size=np.int32(8))
+    c = FlexiCacheConfig(topk_pages=np.int64(8), auto_unstable=np.int64(4), page_size=np.int32(8), warmup_steps=np.int64(32))
     assert (c.topk_pages, c.auto_unstable, c.page_size) == (8, 4, 8) and type(c.auto_unstable) is int
+    assert c.warmup_steps == 32 and type(c.warmup_steps) is int
+    assert FlexiCacheConfig(warmup_steps=0).warmup_steps == 0 and FlexiCacheConfig(warmup_steps=4096).warmup_steps == 4096
 
 
 def test_auto_unstable_count_above_the_heads_fails_at_construction():
@@ -70,6 +79,7 @@ def test_config_defaults():
 
     c = FlexiCacheConfig()
     assert (c.page_size, c.topk_pages, c.rerank_interval) == (16, 64, 16)
+    assert c.warmup_steps == 0  # until the eager step passes it on (docs/accuracy.md, "Warm-up")
     assert c.scorer == SketchMass(2) and c.sketch_bits == 2
     assert c.resident_slots == 64 + 1 + 1
     assert FlexiCacheConfig(sketch_bits=0).scorer == MinMaxBound() == FlexiCacheConfig(scorer="minmax").scorer

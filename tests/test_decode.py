@@ -15,6 +15,21 @@ from flexicache_hf.scorers import SCORERS, MinMaxBound, SketchMass, SketchMax
 from flexicache_hf.memory import LayerMemory
 
 
+def _eager_step_has_warmup() -> bool:
+    """Whether the layer's eager step kind (FlexiCacheLayer.decode_flags) passes cfg.warmup_steps on to
+    DecodeFlags.at: until it does, a warm-up exists only in the compiled step and in DecodeFlags itself."""
+    from types import SimpleNamespace as NS
+
+    layer = NS(memory=NS(length=11, selected_at=10, stable=object()),
+               cfg=FlexiCacheConfig(page_size=4, rerank_interval=3, warmup_steps=4))
+    return FlexiCacheLayer.decode_flags(layer).first
+
+
+# strict: as soon as the layer passes the knob, these cases must pass (and the mark does nothing)
+needs_eager_warmup = pytest.mark.xfail(not _eager_step_has_warmup(), strict=True,
+                                       reason="flexicache_hf/layer.py's decode_flags does not pass cfg.warmup_steps yet")
+
+
 # ------------------------------------------------------------------------------------------------
 # DecodeFlags
 # ------------------------------------------------------------------------------------------------
@@ -30,6 +45,24 @@ def test_decode_flags_at_by_hand():
         assert DecodeFlags.at(length, 10, 4, 3, False) == DecodeFlags(want[0], want[1], False, want[3]), length
     assert DecodeFlags.at(16, 16, 16, 16, True) == DecodeFlags(True, False, True, True)  # page size 1 is also both
     assert DecodeFlags.at(7, 0, 1, 16, True).new_page and DecodeFlags.at(7, 0, 1, 16, True).fill
+    for length in range(10, 40):  # no warm-up: the same kinds as without the argument
+        assert DecodeFlags.at(length, 10, 4, 3, True, 0) == DecodeFlags.at(length, 10, 4, 3, True), length
+
+
+def test_decode_flags_warm_up():
+    """Warm-up of 5 steps, rerank every 3, prefill of 10 tokens: steps 0-4 after the prefill re-select and promote
+    at once (first); after them the periodic reranks (every 3 steps counted from the prefill: 6, 9, ...)."""
+    for length in range(10, 30):
+        since = length - 10
+        f = DecodeFlags.at(length, 10, 4, 3, True, 5)
+        assert (f.new_page, f.fill) == (length % 4 == 0, (length + 1) % 4 == 0), length
+        assert f.first == (since < 5), length
+        assert f.rerank == (since < 5 or since % 3 == 0), length
+        # without stable heads nothing is reranked; the warm-up's steps are still their own kind
+        assert DecodeFlags.at(length, 10, 4, 3, False, 5) == f._replace(rerank=False), length
+    # a warm-up longer than the interval: every step of it promotes at once, the periodic reranks take over
+    assert [DecodeFlags.at(n, 0, 16, 4, True, 10).first for n in range(14)] == [True] * 10 + [False] * 4
+    assert [DecodeFlags.at(n, 0, 16, 4, True, 10).rerank for n in range(14)] == [True] * 10 + [False, False, True, False]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,10 +137,11 @@ def _memory(unstable, T, scorer, ps=4, topk=64, rerank=3, seed=0):
     return mem, cfg, k, v, g
 
 
-def _steps(mem, cfg, k, v, g, n, selected_at, **kw):
+def _steps(mem, cfg, k, v, g, n, selected_at, warmup=0, **kw):
     """n decode steps with random queries; yields (flags, q, out, keys, values) after each."""
     for _ in range(n):
-        flags = DecodeFlags.at(mem.length, selected_at, cfg.page_size, cfg.rerank_interval, mem.stable is not None)
+        flags = DecodeFlags.at(mem.length, selected_at, cfg.page_size, cfg.rerank_interval, mem.stable is not None,
+                               warmup)
         q = torch.randn(B, H, G, D, generator=g, dtype=torch.float64)
         nk, nv = torch.randn(2, B, H, 1, D, generator=g, dtype=torch.float64)
         mem.append_token(nk, nv, flags.new_page, flags.fill)
@@ -148,7 +182,8 @@ def test_decode_step_records_each_groups_selection():
 
 def test_decode_step_promotes_at_once_after_a_prefill_and_in_the_background_at_a_rerank(monkeypatch):
     """The first step after a multi-token forward promotes before attention (nothing is resident yet); a periodic
-    rerank promotes after it (this step still reads the old set); other steps never promote."""
+    rerank promotes after it (this step still reads the old set); other steps never promote. With a warm-up,
+    every step of it promotes before attention."""
     mem, cfg, k, v, g = _memory([1], 21, MinMaxBound(), topk=2, rerank=3)
     calls = []
     promote = LayerMemory.promote
@@ -158,6 +193,11 @@ def test_decode_step_promotes_at_once_after_a_prefill_and_in_the_background_at_a
     for flags, *_ in _steps(mem, cfg, k, v, g, 10, selected_at=21):
         kinds.append(flags)
     assert calls == [not f.first for f in kinds if f.rerank] and calls[0] is False and len(calls) == 4
+    mem, cfg, k, v, g = _memory([1], 21, MinMaxBound(), topk=2, rerank=3)
+    calls.clear()
+    list(_steps(mem, cfg, k, v, g, 10, selected_at=21, warmup=4))
+    # steps 0-3 at once, then the periodic reranks at steps 6 and 9, in the background
+    assert calls == [False] * 4 + [True, True]
     mem, cfg, k, v, g = _memory([0, 1, 2], 21, MinMaxBound(), topk=2, rerank=3)
     calls.clear()
     list(_steps(mem, cfg, k, v, g, 10, selected_at=21))
@@ -181,9 +221,11 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
     page_ok = valid[:, : n_full * ps].view(B, n_full, ps).any(-1)
     qg = q.reshape(B, H, Hq // H, D)
     pages = torch.zeros(B, H, current + 1, dtype=torch.bool)
+    # the first step and the warm-up's select with immediate effect; a periodic rerank from the next step on
+    immediate = state["step"] == 0 or state["step"] < cfg.warmup_steps
     for h in range(H):
         unstable = h in layer.unstable
-        if unstable or state["step"] % cfg.rerank_interval == 0:
+        if unstable or immediate or state["step"] % cfg.rerank_interval == 0:
             if current <= K:
                 sel = torch.zeros(B, current, dtype=torch.bool) | page_ok[:, :current]
             else:
@@ -205,7 +247,7 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
                 sel = torch.zeros(B, current, dtype=torch.bool)
                 sel.scatter_(1, idx, top > float("-inf"))
             if not unstable:  # a periodic rerank takes effect from the next step (its pages are copied
-                state.setdefault("next" if state["step"] else "sel", {})[h] = (sel, current)  # meanwhile); the first at once
+                state.setdefault("sel" if immediate else "next", {})[h] = (sel, current)  # meanwhile); the first at once
         if not unstable:
             sel, since = state["sel"][h]
             pages[:, h, : sel.shape[1]] = sel
@@ -224,12 +266,14 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize("warmup", [0, pytest.param(7, marks=needs_eager_warmup)])
 @pytest.mark.parametrize("spread,bits,rank", [(1.0, 0, "mass"), (0.5, 0, "mass"), (1.0, 2, "max"), (1.0, 1, "max"),
                                              (1.0, 2, "mass"), (1.0, 1, "mass")])
-def test_sparse_decode_matches_oracle(device, spread, bits, rank):
+def test_sparse_decode_matches_oracle(device, spread, bits, rank, warmup):
     """On CUDA the reranks' promotions run on the copy stream, overlapped: the same pages must be read.
     spread 0.5: the cache scores pages with the configured score_spread; bits: by the key sketch, ranked
-    by the best sketched q.k ("max") or by the attention mass the sketched keys predict ("mass")."""
+    by the best sketched q.k ("max") or by the attention mass the sketched keys predict ("mass"). warmup: the
+    stable heads re-select with immediate effect at the first 7 steps (then every 5 steps, from step 10)."""
     _, fc = tiny_pair("llama", 8, 2, 32, dtype=torch.float64, layers=2)
     fc = fc.to(device)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(5))
@@ -237,7 +281,7 @@ def test_sparse_decode_matches_oracle(device, spread, bits, rank):
     ids[1, :29], mask[1, :29] = 0, 0
     ids, mask = ids.to(device), mask.to(device)
     cache = make_cache(fc, topk_pages=4, page_size=8, rerank_interval=5, use_kernels=False, score_spread=spread,
-                       sketch_bits=bits, sketch_score=rank)
+                       sketch_bits=bits, sketch_score=rank, warmup_steps=warmup)
     rec = Recorder(cache)
     seen = []
     orig = FlexiCacheLayer._decode

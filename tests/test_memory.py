@@ -24,11 +24,11 @@ class Driver:
     append_token, a promotion at each rerank, next_position), with each rerank's selection drawn at random,
     and keeps every K/V it appended: the truth every check compares with."""
 
-    def __init__(self, unstable, T, ps=4, topk=2, rerank=3, headroom=1, bits=0, max_cache_len=None, seed=0):
+    def __init__(self, unstable, T, ps=4, topk=2, rerank=3, headroom=1, bits=0, max_cache_len=None, seed=0, warmup=0):
         self.g = torch.Generator().manual_seed(seed)
         self.B = B
         self.cfg = FlexiCacheConfig(page_size=ps, topk_pages=topk, rerank_interval=rerank, host_headroom_pages=headroom,
-                                    sketch_bits=bits, max_cache_len=max_cache_len)
+                                    sketch_bits=bits, max_cache_len=max_cache_len, warmup_steps=warmup)
         self.ps, self.unstable = ps, unstable
         k, v = self._kv(T)
         scorer = self.cfg.scorer
@@ -64,7 +64,8 @@ class Driver:
 
     def token(self):
         m = self.mem
-        flags = DecodeFlags.at(m.length, self.selected_at, self.ps, self.cfg.rerank_interval, m.stable is not None)
+        flags = DecodeFlags.at(m.length, self.selected_at, self.ps, self.cfg.rerank_interval, m.stable is not None,
+                               self.cfg.warmup_steps)
         for name in self.seen:
             self.seen[name] += getattr(flags, name)
         k, v = self._kv(1)
@@ -135,14 +136,16 @@ class Driver:
 PROFILES = {"mixed": [1], "all_stable": [], "all_unstable": [0, 1, 2]}
 
 
+@pytest.mark.parametrize("warmup", [0, 5])
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("T", [1, 3, 4, 13])
-def test_every_kv_appended_comes_back_bit_exact(profile, T):
+def test_every_kv_appended_comes_back_bit_exact(profile, T, warmup):
     """Prefill of odd lengths (under a page, one page, a partial page), decode tokens across page fills and
     reranks, a multi-token append that starts mid-page (chunked prefill, multi-turn), more tokens: full_kv is
     what was appended, bit for bit, the metadata is that of the full pages, the host pool holds every full page
-    of the stable heads, and the slots exactly the selection, the page of the rerank and those since."""
-    d = Driver(PROFILES[profile], T)
+    of the stable heads, and the slots exactly the selection, the page of the rerank and those since (with a
+    warm-up: a selection and a promotion at each of the first 5 steps after each multi-token append)."""
+    d = Driver(PROFILES[profile], T, warmup=warmup)
     d.check()
     capacity, host = d.mem.page_valid.shape[1], d.mem.stable.host_capacity if d.mem.stable is not None else 0
     for _ in range(17):
@@ -157,6 +160,22 @@ def test_every_kv_appended_comes_back_bit_exact(profile, T):
     assert d.mem.version > 0 and d.mem.page_valid.shape[1] > capacity  # buffers grew on the way
     if d.mem.stable is not None:
         assert d.mem.stable.host_capacity > host  # and so did the host pool
+
+
+@pytest.mark.parametrize("rerank,warmup", [(3, 0), (3, 5), (4, 10), (16, 16), (16, 32), (1, 3), (5, 1)])
+def test_rerank_flags_on_the_device_are_decode_flags(rerank, warmup):
+    """A compiled step's (rerank, first) from the device position equal the eager DecodeFlags.at's, through the
+    warm-up and the periodic reranks after it, after a prefill and after a later multi-token append."""
+    d = Driver([1], 7, rerank=rerank, warmup=warmup)
+    m = d.mem
+    for selected_at in (7, 30):
+        for length in range(selected_at, selected_at + 3 * max(rerank, warmup) + 5):
+            m.pos.fill_(length)
+            m.sel_at.fill_(selected_at)
+            rerank_now, first = m.rerank_flags()
+            want = DecodeFlags.at(length, selected_at, d.ps, rerank, True, warmup)
+            assert (bool(rerank_now), bool(first)) == (want.rerank, want.first), (selected_at, length)
+            assert first.shape == rerank_now.shape == (1,) and first.dtype == torch.bool
 
 
 def test_sketch_metadata_is_written_for_every_full_page():

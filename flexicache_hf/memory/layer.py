@@ -103,7 +103,7 @@ class LayerMemory(ContextViews):
         B, H, T, D = keys.shape
         self.batch, self.num_heads, self.head_dim, self.dtype, self.device = B, H, D, keys.dtype, keys.device
         self.page_size, self.headroom, self.summarise = cfg.page_size, cfg.host_headroom_pages, summarise
-        self.rerank_interval = cfg.rerank_interval
+        self.rerank_interval, self.warmup_steps = cfg.rerank_interval, cfg.warmup_steps
         stable = [h for h in range(H) if h not in set(unstable)]
         self.unstable_heads = torch.tensor(sorted(unstable), device=self.device, dtype=torch.long)
         self.stable_heads = torch.tensor(stable, device=self.device, dtype=torch.long)
@@ -307,9 +307,12 @@ class LayerMemory(ContextViews):
         return groups
 
     def rerank_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """DecodeFlags' rerank and first, on the device ([1] bool each): for a compiled step."""
+        """DecodeFlags' rerank and first, on the device ([1] bool each): for a compiled step. The same rule as
+        DecodeFlags.at: promote at once at the first step after a multi-token forward and through the warm-up
+        (`warmup_steps`), then a periodic rerank every `rerank_interval` steps."""
         since = self.pos - self.sel_at
-        return since % self.rerank_interval == 0, since == 0
+        first = (since == 0) | (since < self.warmup_steps)
+        return first | (since % self.rerank_interval == 0), first
 
     def promote(self, selected: torch.Tensor, background: bool, active: torch.Tensor | None = None) -> None:
         """The stable heads' resident pages become `selected` [B, Hs, K] and the current page (only where
