@@ -40,8 +40,7 @@ class FlexiCacheConfig:
             attention, as at the first step); after them, the periodic rerank every rerank_interval steps.
             At tight budgets the heads that copy an answer need its page only once the answer starts, after
             the first step's selection (docs/accuracy.md, "Tight budgets", "Warm-up"). 0: select at the first
-            step only. The default stays 0 until the layer's eager step (FlexiCacheLayer.decode_flags) passes
-            this knob to DecodeFlags.at; until then only compiled steps (LayerMemory.rerank_flags) warm up.
+            step only.
         host_headroom_pages: the least headroom, in pages, reserved (GPU buffers, page metadata and the
             pinned host pool) beyond the tokens held: each reservation adds an eighth of the context or
             this many pages, whichever is more, so that decoding grows buffers rarely while what is
@@ -76,7 +75,7 @@ class FlexiCacheConfig:
     page_size: int = 16
     topk_pages: int = 64
     rerank_interval: int = 16
-    warmup_steps: int = 0
+    warmup_steps: int = 16
     host_headroom_pages: int = 16
     max_cache_len: int | None = None
     calibration_steps: int = 32

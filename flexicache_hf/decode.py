@@ -2,9 +2,9 @@
 
     decode_step(q, memory, scorer, ...)   after the layer's update stored the token (memory.append_token):
       1. unstable heads: the scorer ranks their pages, top-K + the current page -> their page table
-      2. stable heads:  at a rerank the scorer re-selects their top-K; the first step after a multi-token
-                        forward promotes at once, a periodic rerank in the background (its pages serve
-                        from the next step on)
+      2. stable heads:  at a rerank the scorer re-selects their top-K; the first `warmup_steps` steps after a
+                        multi-token forward promote at once (this step reads the new set), a periodic rerank
+                        in the background (its pages serve from the next step on)
       3. attention over both groups' pages in one launch (ops.paged_decode_attention)
 
 The scorer (scorers.py) is a small object: how a page is summarised when it fills and how pages rank.

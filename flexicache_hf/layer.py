@@ -152,7 +152,8 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
 
     def decode_flags(self) -> DecodeFlags:
         m = self.memory
-        return DecodeFlags.at(m.length, m.selected_at, self.cfg.page_size, self.cfg.rerank_interval, m.stable is not None)
+        return DecodeFlags.at(m.length, m.selected_at, self.cfg.page_size, self.cfg.rerank_interval, m.stable is not None,
+                              self.cfg.warmup_steps)
 
     # ---- update: store -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

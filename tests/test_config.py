@@ -79,7 +79,7 @@ def test_config_defaults():
 
     c = FlexiCacheConfig()
     assert (c.page_size, c.topk_pages, c.rerank_interval) == (16, 64, 16)
-    assert c.warmup_steps == 0  # until the eager step passes it on (docs/accuracy.md, "Warm-up")
+    assert c.warmup_steps == 16  # docs/accuracy.md, "Warm-up"
     assert c.scorer == SketchMass(2) and c.sketch_bits == 2
     assert c.resident_slots == 64 + 1 + 1
     assert FlexiCacheConfig(sketch_bits=0).scorer == MinMaxBound() == FlexiCacheConfig(scorer="minmax").scorer
