@@ -30,8 +30,9 @@ def _generate(model, cache, batch=1, prompt=37):
     return ids.shape[1], out[:, prompt:]
 
 
-def _cache(model):
-    return make_cache(model, page_size=PAGE, topk_pages=K, rerank_interval=R)
+def _cache(model, warmup_steps=0):
+    # no warm-up by default here: these tests check the periodic schedule (stable heads select at reranks)
+    return make_cache(model, page_size=PAGE, topk_pages=K, rerank_interval=R, warmup_steps=warmup_steps)
 
 
 def test_unstable_heads_every_step_stable_heads_only_at_reranks(model):
@@ -56,6 +57,14 @@ def test_unstable_heads_every_step_stable_heads_only_at_reranks(model):
     assert set(rec.unstable_heads()) == unstable
     assert set(rec.stable_heads()) == {(l, h) for l in range(2) for h in range(2)} - unstable
     assert rec.num_pages() == steps[-1] // PAGE + 1
+
+
+def test_the_warm_up_selects_stable_heads_at_every_step_then_at_reranks(model):
+    cache = _cache(model, warmup_steps=3)
+    rec = cache.record_selections()
+    n, _ = _generate(model, cache)
+    stable = sorted({(l, h) for l in range(2) for h in range(2)} - set(profile_for(model).unstable))
+    assert rec.selection_positions(*stable[0]) == [n, n + 1, n + 2, n + 4, n + 8]
 
 
 def test_selection_matrix_holds_a_stable_heads_set_between_reranks(model):
