@@ -97,6 +97,11 @@ def run(model, method, ids, steps):
     finally:
         flexicache_hf.disable_cuda_graphs(model)
     gaps = sorted(1000 * (b - a) for a, b in zip(clock.times, clock.times[1:]))
+    from torch._dynamo.utils import counters
+
+    # whether the compiled step is one CUDA graph: graph breaks and skipped cudagraphs show up here
+    print(method, "graph breaks:", dict(counters["graph_break"]), "graphs:", counters["stats"]["unique_graphs"],
+          "inductor:", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}, flush=True)
     row = {"method": method, "ttft_s": ttft, "ttft_first_s": ttft_first, "median_ms": statistics.median(gaps),
            "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], "max_ms": gaps[-1], "steps": len(gaps)}
     if cache is not None:
