@@ -15,21 +15,6 @@ from flexicache_hf.scorers import SCORERS, MinMaxBound, SketchMass, SketchMax
 from flexicache_hf.memory import LayerMemory
 
 
-def _eager_step_has_warmup() -> bool:
-    """Whether the layer's eager step kind (FlexiCacheLayer.decode_flags) passes cfg.warmup_steps on to
-    DecodeFlags.at: until it does, a warm-up exists only in the compiled step and in DecodeFlags itself."""
-    from types import SimpleNamespace as NS
-
-    layer = NS(memory=NS(length=11, selected_at=10, stable=object()),
-               cfg=FlexiCacheConfig(page_size=4, rerank_interval=3, warmup_steps=4))
-    return FlexiCacheLayer.decode_flags(layer).first
-
-
-# strict: as soon as the layer passes the knob, these cases must pass (and the mark does nothing)
-needs_eager_warmup = pytest.mark.xfail(not _eager_step_has_warmup(), strict=True,
-                                       reason="flexicache_hf/layer.py's decode_flags does not pass cfg.warmup_steps yet")
-
-
 # ------------------------------------------------------------------------------------------------
 # DecodeFlags
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +251,7 @@ def _oracle_decode(q, keys, values, valid, state, layer, cfg, scale):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-@pytest.mark.parametrize("warmup", [0, pytest.param(7, marks=needs_eager_warmup)])
+@pytest.mark.parametrize("warmup", [0, 7])
 @pytest.mark.parametrize("spread,bits,rank", [(1.0, 0, "mass"), (0.5, 0, "mass"), (1.0, 2, "max"), (1.0, 1, "max"),
                                              (1.0, 2, "mass"), (1.0, 1, "mass")])
 def test_sparse_decode_matches_oracle(device, spread, bits, rank, warmup):
