@@ -47,8 +47,9 @@ def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: 
                 record=None) -> torch.Tensor:
     """Attention of one new token: q [B, H, G, D] (H KV heads, G query heads each) -> [B, H, G, D].
 
-    flags: the step kind; None for a compiled step, which has no Python branch on it: the stable heads
-    select at every step and their promotions apply only where the device flags (memory.rerank_flags) say,
+    flags: the step kind; None for a compiled step, which has no Python branch on it: the stable heads'
+    selection is launched at every step but selects (and their promotions apply) only where the device flags
+    (memory.rerank_flags) say,
     which leaves the same state as the eager step (the promotion of a periodic rerank runs after attention
     on the compute stream instead of the copy stream).
     `record(group, pages)`, if given, sees each selection: ("unstable", their top-K page ids [B, Hu, K]) every
@@ -61,12 +62,15 @@ def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: 
         if record is not None:
             record("unstable", table[..., :-1])
     if memory.stable is not None and (flags is None or flags.rerank):
+        # a compiled step launches the stable heads' selection every step; its kernels return at once unless
+        # the device flags say rerank
+        rerank, first = memory.rerank_flags() if flags is None else (None, None)
         selected = scorer.select(q, *memory.selection_inputs(memory.stable), current, topk, memory.stable_heads,
-                                 scale, False, use_kernels).view(memory.batch, len(memory.stable_heads), -1)
+                                 scale, False, use_kernels, skip=None if rerank is None else ~rerank
+                                 ).view(memory.batch, len(memory.stable_heads), -1)
         if record is not None:
             record("stable", selected)
         if flags is None:
-            rerank, first = memory.rerank_flags()
             memory.promote(selected, background=False, active=first)
             promote = (selected, rerank & ~first)
         elif flags.first:  # nothing is resident yet: this step reads the new set

@@ -158,7 +158,7 @@ def topk_pages_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current: bool = False,
-                     heads=None, spread: float = 1.0, codes=None, mass_scale=None) -> torch.Tensor:
+                     heads=None, spread: float = 1.0, codes=None, mass_scale=None, skip=None) -> torch.Tensor:
     """Decode-time page selection of one head group: the top-k candidate pages per row.
 
     q [N, G, D], or with `heads` [Hg] the layer's query [B, H, G, D] whose heads `heads` are the rows
@@ -168,7 +168,8 @@ def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current:
     codes and mass_scale, the softmax scale, page_mass_ref over the candidates) rank them. Returns [N, min(k, P)]
     int64: topk_pages_ref of the scores with non-candidates at -inf (so with fewer than k candidates,
     all of them). With append_current, `current` follows as one more column: the page table unstable
-    heads attend to.
+    heads attend to. With `skip`, a device bool [1] that holds, no page is selected (-1 but the appended
+    column): a compiled step's stable heads select only at reranks, and the kernels then return at once.
     """
     if heads is not None:
         q = q[:, heads].reshape(-1, *q.shape[2:])
@@ -180,6 +181,8 @@ def select_pages_ref(q, kmin, kmax, page_valid, current, k: int, append_current:
     else:
         scores = page_scores_ref(q, kmin, kmax, spread, codes).masked_fill(~cand, NEG_INF)
     ids = topk_pages_ref(scores, min(k, P))
+    if skip is not None:
+        ids = ids.masked_fill(skip.view(1, 1), -1)
     if append_current:
         ids = torch.cat([ids, current.view(1, 1).to(ids.dtype).expand(N, 1)], dim=1)
     return ids
@@ -323,11 +326,11 @@ def page_sketch(keys, valid, kmin, kmax, page_size, bits):
 
 
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
-                 spread=1.0, codes=None, mass_scale=None):
+                 spread=1.0, codes=None, mass_scale=None, skip=None):
     if torch.compiler.is_compiling():
         return torch.ops.flexicache.select_pages(q, kmin, kmax, page_valid, current, k, append_current, heads,
-                                                 str(use_kernels), spread, codes, mass_scale)
-    args = (q, kmin, kmax, page_valid, current, k, append_current, heads, spread, codes, mass_scale)
+                                                 str(use_kernels), spread, codes, mass_scale, skip)
+    args = (q, kmin, kmax, page_valid, current, k, append_current, heads, spread, codes, mass_scale, skip)
     kern = _kernels(q.device, use_kernels)
     if kern is None:
         return select_pages_ref(*args)
@@ -375,13 +378,13 @@ def _use(s: str):
 def _select_pages_op(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid: torch.Tensor,
                      current: torch.Tensor, k: int, append_current: bool, heads: torch.Tensor | None,
                      use_kernels: str, spread: float, codes: torch.Tensor | None,
-                     mass_scale: float | None) -> torch.Tensor:
+                     mass_scale: float | None, skip: torch.Tensor | None) -> torch.Tensor:
     return select_pages(q, kmin, kmax, page_valid, current, k, append_current, heads, _use(use_kernels), spread,
-                        codes, mass_scale)
+                        codes, mass_scale, skip)
 
 
 @_select_pages_op.register_fake
-def _(q, kmin, kmax, page_valid, current, k, append_current, heads, use_kernels, spread, codes, mass_scale):
+def _(q, kmin, kmax, page_valid, current, k, append_current, heads, use_kernels, spread, codes, mass_scale, skip):
     rows = q.shape[0] if heads is None else q.shape[0] * heads.shape[0]
     return q.new_empty(rows, min(k, kmin.shape[1]) + int(append_current), dtype=torch.long)
 

@@ -25,10 +25,12 @@ class MinMaxBound:
         """keys [B, H, n * page_size, D], valid [B, n * page_size] -> kmin, kmax [B, H, n, D], codes (None)."""
         return (*ops.page_minmax(keys, valid, page_size, use_kernels), None)
 
-    def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels):
-        """Top-k candidate pages per row (ops.select_pages_ref): [B*Hg, k (+1 with append_current)]."""
+    def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels,
+               skip=None):
+        """Top-k candidate pages per row (ops.select_pages_ref): [B*Hg, k (+1 with append_current)]; none where
+        the device flag `skip` holds."""
         return ops.select_pages(q, kmin, kmax, page_valid, current, k, append_current, heads, use_kernels,
-                                spread=self.spread)
+                                spread=self.spread, skip=skip)
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class SketchMax:
         kmin, kmax = ops.page_minmax(keys, valid, page_size, use_kernels)
         return kmin, kmax, ops.page_sketch(keys, valid, kmin, kmax, page_size, self.bits)
 
-    def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels):
+    def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels,
+               skip=None):
         return ops.select_pages(q, kmin, kmax, page_valid, current, k, append_current, heads, use_kernels,
-                                codes=codes, mass_scale=self._mass_scale(scale))
+                                codes=codes, mass_scale=self._mass_scale(scale), skip=skip)
 
     def _mass_scale(self, scale):
         return None

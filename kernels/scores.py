@@ -51,13 +51,16 @@ def _store(OUT, best, n, P, offs_p, mask_p, VALID, CURRENT, s_vb, rows_per_batch
 @triton.jit
 def _page_scores_kernel(
     Q, KMIN, KMAX, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, VALID, CURRENT, s_vb, rows_per_batch,
-    HEADS, H, spread,
+    HEADS, H, spread, SKIP,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr,
-    MAPPED: tl.constexpr, BOUND: tl.constexpr, PDL: tl.constexpr,
+    MAPPED: tl.constexpr, BOUND: tl.constexpr, PDL: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     if PDL:  # let the next kernel of the chain launch now (it waits for our end before it reads our output
         gdc_launch_dependents()  # or writes), then wait for the kernels before (they wrote q, the metadata)
         gdc_wait()
+    if HAS_SKIP:  # a compiled step that does not rerank: nothing to score (select_pages' skip)
+        if tl.load(SKIP) != 0:
+            return
     n = tl.program_id(0)
     qrow = _query_row(n, HEADS, H, rows_per_batch, MAPPED)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -86,10 +89,10 @@ def _page_scores_kernel(
 @triton.jit
 def _sketch_scores_kernel(
     Q, KMIN, KMAX, CODES, OUT, P, s_qn, s_qg, s_mn, s_mp, s_xn, s_xp, s_cn, s_cp, s_ct, VALID, CURRENT, s_vb,
-    rows_per_batch, HEADS, H, scale,
+    rows_per_batch, HEADS, H, scale, SKIP,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB: tl.constexpr, PS: tl.constexpr,
     BITS: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr, MAPPED: tl.constexpr, LSE: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     """Each page's best q.khat over its tokens and the group's query heads, or with LSE each query head's
     logsumexp of scale * q.khat over the page ([N, G, P]: row n * G + g). The BLOCK_P pages' tokens are
@@ -98,6 +101,9 @@ def _sketch_scores_kernel(
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    if HAS_SKIP:
+        if tl.load(SKIP) != 0:
+            return
     n = tl.program_id(0)
     qrow = _query_row(n, HEADS, H, rows_per_batch, MAPPED)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -136,12 +142,16 @@ def _lse_tile(base, offs_g, offs, G, P):
 
 
 @triton.jit
-def _mass_kernel(LSE, OUT, P, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _mass_kernel(LSE, OUT, P, SKIP, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                 HAS_SKIP: tl.constexpr):
     """Row n of ops.page_mass_ref: two passes over the row's [G, P] logsumexps, an online softmax
     normaliser per query head, then each page's share summed over the group (-inf: no candidate)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    if HAS_SKIP:
+        if tl.load(SKIP) != 0:
+            return
     n = tl.program_id(0)
     offs_g = tl.arange(0, G_PAD)
     base = LSE + n.to(tl.int64) * G * P + offs_g[:, None] * P
@@ -162,6 +172,12 @@ def _mass_kernel(LSE, OUT, P, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.co
         share = tl.where(x == float("-inf"), 0.0, tl.exp(x - safe[:, None]) * inv[:, None])
         mass = tl.where(tl.max(x, 0) == float("-inf"), float("-inf"), tl.sum(share, 0))
         tl.store(OUT + n.to(tl.int64) * P + offs, mass, mask=offs < P)
+
+
+def _skip_args(skip, out) -> tuple:
+    """(SKIP pointer, HAS_SKIP): a device flag [1] that, where set, makes the kernel return at once (a compiled
+    step's stable heads, which select only at reranks but launch at every step)."""
+    return (out, False) if skip is None else (skip, True)
 
 
 def _prepare(q, kmin, kmax, codes, page_valid, current, heads, out):
@@ -191,7 +207,7 @@ def _prepare(q, kmin, kmax, codes, page_valid, current, heads, out):
     return q, kmin, kmax, codes, mask_args, map_args, dict(MASKED=masked, MAPPED=mapped, **pdl(q.device))
 
 
-def _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, flags):
+def _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, flags, skip=None):
     N, P, D = kmin.shape
     ps, db = codes.shape[-2:]
     d_pad = max(16, next_pow2(D))
@@ -199,23 +215,25 @@ def _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, flags):
     # the fastest of 1-4k x 1-4 warps at 32k/batch 1 and 8 and 10k/batch 40; 8k elements x 4 warps
     # with a tl.dot over the group ran 7-8x slower (register spills)
     block_p = max(1, SKETCH_ELEMENTS // (ps * d_pad))
+    skip_ptr, has_skip = _skip_args(skip, out)
     _sketch_scores_kernel[(N, triton.cdiv(P, block_p))](
         q, kmin, kmax, codes, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         kmax.stride(0), kmax.stride(1), codes.stride(0), codes.stride(1), codes.stride(2), *mask_args, *map_args,
-        float(scale), G=q.shape[-2], D=D, D_PAD=d_pad, DB=db, PS=ps, BITS=8 * db // D, BLOCK_P=block_p,
-        num_warps=SKETCH_WARPS, **flags,
+        float(scale), skip_ptr, G=q.shape[-2], D=D, D_PAD=d_pad, DB=db, PS=ps, BITS=8 * db // D, BLOCK_P=block_p,
+        num_warps=SKETCH_WARPS, HAS_SKIP=has_skip, **flags,
     )
     return out
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_valid=None, current=None,
-                heads=None, spread: float = 1.0, codes=None) -> torch.Tensor:
+                heads=None, spread: float = 1.0, codes=None, skip=None) -> torch.Tensor:
     """q [N, G, D]; kmin, kmax [N, P, D]; codes [N, P, ps, D*bits//8] uint8 or None -> scores [N, P] fp32
     (see ops.page_scores_ref).
 
     With page_valid [B, >=P] bool and current (a device tensor [1]): -inf wherever a page is not a
     candidate (invalid, or not before `current`), as ops.select_pages_ref masks. With heads [Hg]: q is
-    the layer's [B, H, G, D] query and row n = b * Hg + h reads head heads[h] of batch b."""
+    the layer's [B, H, G, D] query and row n = b * Hg + h reads head heads[h] of batch b. With skip (a device
+    flag [1]) set, nothing is computed and the output is left unwritten."""
     N, P, D = kmin.shape
     G = q.shape[-2]
     out = new_output((N, P), q.device, torch.float32)
@@ -225,16 +243,18 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
         return out.fill_(float("-inf"))  # amax over an empty group (the reference raises instead)
     q, kmin, kmax, codes, mask_args, map_args, flags = _prepare(q, kmin, kmax, codes, page_valid, current, heads, out)
     if codes is not None:
-        return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, 1.0, dict(LSE=False, **flags))
+        return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, 1.0, dict(LSE=False, **flags), skip)
+    skip_ptr, has_skip = _skip_args(skip, out)
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
-        kmax.stride(0), kmax.stride(1), *mask_args, *map_args, float(spread), G=G, D=D, D_PAD=max(16, next_pow2(D)),
-        BLOCK_P=BLOCK_P, BOUND=spread == 1.0, num_warps=NUM_WARPS, **flags,
+        kmax.stride(0), kmax.stride(1), *mask_args, *map_args, float(spread), skip_ptr, G=G, D=D,
+        D_PAD=max(16, next_pow2(D)), BLOCK_P=BLOCK_P, BOUND=spread == 1.0, num_warps=NUM_WARPS, HAS_SKIP=has_skip,
+        **flags,
     )
     return out
 
 
-def page_lse(q, kmin, kmax, codes, scale: float, page_valid=None, current=None, heads=None) -> torch.Tensor:
+def page_lse(q, kmin, kmax, codes, scale: float, page_valid=None, current=None, heads=None, skip=None) -> torch.Tensor:
     """Each query head's logsumexp of scale * q.khat over each page's sketched keys: [N, G, P] fp32
     (ops.page_lse_ref), -inf where a page is no candidate (with page_valid, current; as page_scores)."""
     N, P, D = kmin.shape
@@ -242,7 +262,7 @@ def page_lse(q, kmin, kmax, codes, scale: float, page_valid=None, current=None, 
     if out.numel() == 0:
         return out
     q, kmin, kmax, codes, mask_args, map_args, flags = _prepare(q, kmin, kmax, codes, page_valid, current, heads, out)
-    return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, dict(LSE=True, **flags))
+    return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, dict(LSE=True, **flags), skip)
 
 
 # Logsumexps of a row loaded per loop iteration (G_PAD heads x MASS_BLOCK // G_PAD pages) and warps: a row
@@ -253,7 +273,7 @@ MASS_BLOCK = 8192
 MASS_WARPS = 8
 
 
-def page_mass(lse: torch.Tensor) -> torch.Tensor:
+def page_mass(lse: torch.Tensor, skip=None) -> torch.Tensor:
     """lse [N, G, P] (-inf: no candidate) -> [N, P] fp32 (ops.page_mass_ref): one program per row."""
     N, G, P = lse.shape
     out = new_output((N, P), lse.device, torch.float32)
@@ -263,6 +283,7 @@ def page_mass(lse: torch.Tensor) -> torch.Tensor:
         return out.fill_(float("-inf"))
     lse = lse.contiguous()
     g_pad = next_pow2(G)
-    _mass_kernel[(N,)](lse, out, P, G=G, G_PAD=g_pad, BLOCK=max(16, min(MASS_BLOCK // g_pad, next_pow2(P))),
-                       num_warps=MASS_WARPS, **pdl(lse.device))
+    skip_ptr, has_skip = _skip_args(skip, out)
+    _mass_kernel[(N,)](lse, out, P, skip_ptr, G=G, G_PAD=g_pad, BLOCK=max(16, min(MASS_BLOCK // g_pad, next_pow2(P))),
+                       num_warps=MASS_WARPS, HAS_SKIP=has_skip, **pdl(lse.device))
     return out

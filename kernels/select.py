@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._util import gdc_launch_dependents, gdc_wait, next_pow2, pdl
-from .scores import page_lse, page_mass, page_scores
+from .scores import _skip_args, page_lse, page_mass, page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
 FINAL = 512  # a row at most this long is finished by one program
@@ -54,10 +54,14 @@ def _load_packed(IN, n, s_in, offs, L, FROM_SCORES: tl.constexpr):
 
 
 @triton.jit
-def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
+def _chunk_kernel(IN, OUT, L, s_in, s_out, k, SKIP, FROM_SCORES: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr,
+                  HAS_SKIP: tl.constexpr):
     if PDL:  # the next kernel launches now (and waits for our end); we wait for the scores or packed keys
         gdc_launch_dependents()
         gdc_wait()
+    if HAS_SKIP:
+        if tl.load(SKIP) != 0:
+            return
     n = tl.program_id(0)
     c = tl.program_id(1)
     offs = c * CH + tl.arange(0, CH)
@@ -67,56 +71,65 @@ def _chunk_kernel(IN, OUT, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, CH: tl.
 
 
 @triton.jit
-def _final_kernel(IN, OUT, CUR, L, s_in, s_out, k, FROM_SCORES: tl.constexpr, APPEND: tl.constexpr,
-                  CH: tl.constexpr, PDL: tl.constexpr):
+def _final_kernel(IN, OUT, CUR, L, s_in, s_out, k, SKIP, FROM_SCORES: tl.constexpr, APPEND: tl.constexpr,
+                  CH: tl.constexpr, PDL: tl.constexpr, HAS_SKIP: tl.constexpr):
     if PDL:  # trigger first: the attention launch's stable rows start while the selection still runs
         gdc_launch_dependents()
         gdc_wait()
     n = tl.program_id(0)
     offs = tl.arange(0, CH)
-    x = tl.sort(_load_packed(IN, n, s_in, offs, L, FROM_SCORES), descending=True)
-    ids = tl.where((x >> 32) > _NEG_INF_KEY, (x & _MASK32) ^ _MASK32, -1)  # best first, then -1
+    skipped = False
+    if HAS_SKIP:
+        skipped = tl.load(SKIP) != 0
+    if skipped:  # nothing was scored: no page selected
+        ids = tl.full([CH], -1, tl.int64)
+    else:
+        x = tl.sort(_load_packed(IN, n, s_in, offs, L, FROM_SCORES), descending=True)
+        ids = tl.where((x >> 32) > _NEG_INF_KEY, (x & _MASK32) ^ _MASK32, -1)  # best first, then -1
     out = OUT + n.to(tl.int64) * s_out
     tl.store(out + offs, ids, mask=offs < k)
     if APPEND:
         tl.store(out + k, tl.load(CUR).to(tl.int64))
 
 
-def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None) -> torch.Tensor:
-    """scores [N, P] fp32 -> [N, min(k, P)] int64 (ops.topk_pages_ref), plus `append` [1] as a last column."""
+def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None, skip=None) -> torch.Tensor:
+    """scores [N, P] fp32 -> [N, min(k, P)] int64 (ops.topk_pages_ref), plus `append` [1] as a last column;
+    with `skip` (a device flag [1]) set, -1 everywhere but the appended column."""
     N, P = scores.shape
     k = min(k, P)
     out = torch.empty(N, k + (append is not None), device=scores.device, dtype=torch.int64)
     if N == 0:
         return out
     if append is not None and k == 0:
-        return out.copy_(append.view(1, 1).expand(N, 1))
+        return out.copy_(append.view(1, 1).expand(N, 1))  # (nothing to skip)
     if k == 0:
         return out
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
     x, L, from_scores = scores, P, True
-    launch = pdl(scores.device)
+    launch = dict(pdl(scores.device), HAS_SKIP=skip is not None)
+    skip_ptr = _skip_args(skip, scores)[0]
     chunk, final = max(CHUNK, next_pow2(2 * k)), max(FINAL, next_pow2(2 * k))
     while L > final:
         n_chunks = triton.cdiv(L, chunk)
         y = torch.empty(N, n_chunks * k, device=scores.device, dtype=torch.int64)
-        _chunk_kernel[(N, n_chunks)](x, y, L, x.stride(0), y.stride(0), k, FROM_SCORES=from_scores, CH=chunk,
+        _chunk_kernel[(N, n_chunks)](x, y, L, x.stride(0), y.stride(0), k, skip_ptr, FROM_SCORES=from_scores, CH=chunk,
                                      num_warps=NUM_WARPS, **launch)
         x, L, from_scores = y, n_chunks * k, False
     cur = append if append is not None else out
-    _final_kernel[(N,)](x, out, cur, L, x.stride(0), out.stride(0), k, FROM_SCORES=from_scores,
+    _final_kernel[(N,)](x, out, cur, L, x.stride(0), out.stride(0), k, skip_ptr, FROM_SCORES=from_scores,
                         APPEND=append is not None, CH=max(16, next_pow2(L)), num_warps=NUM_WARPS, **launch)
     return out
 
 
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, spread=1.0, codes=None,
-                 mass_scale=None):
+                 mass_scale=None, skip=None):
     """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)] best first, then -1;
     with append_current the current page follows as one more column; with `heads`, q is the layer's
     [B, H, G, D] query and the rows are its heads `heads` (read in place, no gathered copy). With codes and
-    mass_scale, pages rank by the attention mass their sketched keys predict (two more passes)."""
+    mass_scale, pages rank by the attention mass their sketched keys predict (two more passes). With `skip` (a
+    device flag [1]) set, every kernel returns at once and no page is selected (-1)."""
     if codes is not None and mass_scale is not None:
-        scores = page_mass(page_lse(q, kmin, kmax, codes, mass_scale, page_valid, current, heads))
+        scores = page_mass(page_lse(q, kmin, kmax, codes, mass_scale, page_valid, current, heads, skip), skip)
     else:
-        scores = page_scores(q, kmin, kmax, page_valid, current, heads, spread, codes)
-    return topk_pages(scores, k, current if append_current else None)
+        scores = page_scores(q, kmin, kmax, page_valid, current, heads, spread, codes, skip)
+    return topk_pages(scores, k, current if append_current else None, skip)

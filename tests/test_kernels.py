@@ -248,6 +248,32 @@ def test_kernel_page_lse_and_mass(dtype, bits, ps, D, G):
     assert (got[H:, :-1] == -1).all()  # the row without candidates selects nothing
 
 
+@pytest.mark.parametrize("route", ["bound", "sketch_max", "sketch_mass"])
+def test_kernel_select_pages_skip_flag(route):
+    """A compiled step launches the stable heads' selection every step with a device flag: set, every kernel
+    returns at once and nothing is selected (-1; the appended current page stays); clear, the same pages as
+    without a flag. Rows long enough for a chunk pass (P > 512)."""
+    B, H, P, G, D, ps = 2, 3, 700, 3, 64, 4
+    _, _, kmin, kmax, codes = sketch_case(torch.float32, 2, ps, D, B, H, P, device=DEV)
+    rows = lambda t: t.flatten(0, 1)  # noqa: E731
+    q = torch.randn(B, H + 1, G, D, device=DEV)
+    heads = torch.tensor([0, 2, 3], device=DEV)
+    page_valid = torch.rand(B, P, device=DEV) > 0.1
+    current = torch.tensor([650], device=DEV)
+    kw = {"bound": {}, "sketch_max": {"codes": rows(codes)}, "sketch_mass": {"codes": rows(codes), "mass_scale": 0.3}}[route]
+    args = (q, rows(kmin), rows(kmax), page_valid, current, 5, True, heads)
+    plain = select.select_pages(*args, **kw)
+    for flag in (True, False):
+        skip = torch.tensor([flag], device=DEV)
+        got = select.select_pages(*args, **kw, skip=skip)
+        ref = ops.select_pages_ref(*args, **kw, skip=skip)
+        assert (got[:, -1] == 650).all() and (ref[:, -1] == 650).all()
+        if flag:
+            assert (got[:, :-1] == -1).all() and (ref[:, :-1] == -1).all()
+        else:
+            assert torch.equal(got, plain) and torch.equal(ref, ops.select_pages_ref(*args, **kw))
+
+
 # ------------------------------------------------------------------------------------------------
 # page_minmax
 # ------------------------------------------------------------------------------------------------
