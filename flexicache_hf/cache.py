@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from flexicache_hf import ops
 from flexicache_hf.config import FlexiCacheConfig
 from flexicache_hf.layer import FlexiCacheLayer
+from flexicache_hf.memory import sync_lengths
 from flexicache_hf.profiles import HeadProfile
 
 
@@ -106,6 +107,7 @@ class FlexiCache(Cache):
         """transformers asks this before every forward (eagerly, for a compiled decode step): each layer makes
         room for the coming token then, since a compiled step cannot grow a buffer (layer.get_mask_sizes)."""
         if query_length == 1 and not torch.compiler.is_compiling():
+            sync_lengths([layer.memory for layer in self.flexi_layers if layer.is_initialized])
             for layer in self.flexi_layers:
                 layer.ready_for_compiled_step()
         return super().get_mask_sizes(query_length, layer_idx)

@@ -11,6 +11,6 @@ LayerMemory hands out: page groups (pools + block tables) for attention, metadat
 """
 
 from flexicache_hf.memory.alloc import capacity_for, reserved_bytes
-from flexicache_hf.memory.layer import Chunk, LayerMemory
+from flexicache_hf.memory.layer import Chunk, LayerMemory, sync_lengths
 
-__all__ = ["LayerMemory", "Chunk", "capacity_for", "reserved_bytes"]
+__all__ = ["LayerMemory", "Chunk", "capacity_for", "reserved_bytes", "sync_lengths"]

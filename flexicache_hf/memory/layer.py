@@ -347,6 +347,16 @@ class LayerMemory(ContextViews):
 
 
 
+def sync_lengths(memories) -> None:
+    """Catch up the lengths that compiled steps advanced on the device only, with one read for every layer
+    (LayerMemory.length alone would wait for the device once per layer)."""
+    stale = [m for m in memories if m._stale]
+    if stale:
+        lengths = torch.cat([m.pos.to(stale[0].device) for m in stale]).tolist()
+        for m, n in zip(stale, lengths):
+            m.length = n
+
+
 def state_tensors(owner) -> list[torch.Tensor]:
     """Every tensor the memory room holds (the host pool's CUDA views included)."""
     found = []
