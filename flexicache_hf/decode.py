@@ -78,7 +78,7 @@ def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: 
         else:  # a periodic rerank: this step still reads the old set, the next ones the new set
             promote = (selected, None)
     pending = flags is None or (flags.rerank and promote is None)
-    out = ops.paged_decode_attention(q, memory.attention_groups(table, stable_pending=pending), memory.kv_valid,
+    out = ops.paged_decode_attention(q, memory.attention_groups(table, stable_pending=pending), memory.valid_tokens(),
                                      scale, use_kernels)
     if promote is not None:
         memory.promote(promote[0], background=flags is not None, active=promote[1])

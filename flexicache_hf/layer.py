@@ -71,7 +71,7 @@ class WholeContext:
             raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache holding {self.length}")
         if keep != self.length:
             keys, values = self.full_kv()
-            self.rebuild(keys[:, :, :keep], values[:, :, :keep], self.memory.kv_valid[:, :keep].clone())
+            self.rebuild(keys[:, :, :keep], values[:, :, :keep], self.memory.valid_tokens(keep).clone())
 
     def rebuild(self, keys, values, valid) -> None:
         """Re-page a whole context (crop, repartition, a prefill made elsewhere): the storage rules of a
@@ -88,7 +88,7 @@ class WholeContext:
         if not self.is_initialized:
             return self.set_split(unstable_heads)
         keys, values = self.full_kv()
-        valid = self.memory.kv_valid[:, : self.length].clone()
+        valid = self.memory.valid_tokens(self.length).clone()
         self.set_split(unstable_heads)
         self.rebuild(keys, values, valid)
 

@@ -350,9 +350,11 @@ def paged_decode_attention(q, groups, kv_valid, scale, use_kernels="auto"):
         return k.paged_decode_attention(q, groups, kv_valid, scale)
 
 
-def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
+def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto", pair=None):
+    """copy_pages_ref; with pair = (src_pool2, dst_pool2) the same copy for them too (K and V: one launch)."""
     if torch.compiler.is_compiling():
-        return torch.ops.flexicache.copy_pages(src_pool, src_idx, dst_pool, dst_idx, str(use_kernels))
+        src2, dst2 = pair if pair is not None else (None, None)
+        return torch.ops.flexicache.copy_pages(src_pool, src_idx, dst_pool, dst_idx, str(use_kernels), src2, dst2)
     # the kernel's win is reading or writing pinned host memory in place; a pageable host pool on one
     # side of a GPU copy takes the reference path
     gpu = dst_pool if dst_pool.device.type == "cuda" else src_pool
@@ -361,9 +363,11 @@ def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto"):
         use_kernels = False
     k = _kernels(gpu.device, use_kernels)
     if k is None:
-        return copy_pages_ref(src_pool, src_idx, dst_pool, dst_idx)
+        for s, d in [(src_pool, dst_pool)] + ([pair] if pair is not None else []):
+            copy_pages_ref(s, src_idx, d, dst_idx)
+        return
     with _on(gpu):
-        return k.copy_pages(src_pool, src_idx, dst_pool, dst_idx)
+        return k.copy_pages(src_pool, src_idx, dst_pool, dst_idx, pair)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,12 +409,13 @@ def _(q, kv_valid, scale, use_kernels, *groups):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("flexicache::copy_pages", mutates_args=("dst_pool",))
+@torch.library.custom_op("flexicache::copy_pages", mutates_args=("dst_pool", "dst_pool2"))
 def _copy_pages_op(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor,
-                   use_kernels: str) -> None:
-    copy_pages(src_pool, src_idx, dst_pool, dst_idx, _use(use_kernels))
+                   use_kernels: str, src_pool2: torch.Tensor | None, dst_pool2: torch.Tensor | None) -> None:
+    copy_pages(src_pool, src_idx, dst_pool, dst_idx, _use(use_kernels),
+               None if src_pool2 is None else (src_pool2, dst_pool2))
 
 
 @_copy_pages_op.register_fake
-def _(src_pool, src_idx, dst_pool, dst_idx, use_kernels):
+def _(src_pool, src_idx, dst_pool, dst_idx, use_kernels, src_pool2, dst_pool2):
     return None

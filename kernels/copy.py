@@ -44,8 +44,8 @@ class _HostPtr:
 
 
 @triton.jit
-def _copy_pages_kernel(SRC, SRC_IDX, DST, DST_IDX, n, s_src, s_dst,
-                       PAGE: tl.constexpr, BLOCK: tl.constexpr):
+def _copy_pages_kernel(SRC, SRC_IDX, DST, DST_IDX, SRC2, DST2, n, s_src, s_dst, s_src2, s_dst2,
+                       PAGE: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mask = offs < PAGE  # PAGE = page_size * D elements, not always a power of two (D=80)
     for i in range(tl.program_id(0), n, tl.num_programs(0)):
@@ -56,44 +56,60 @@ def _copy_pages_kernel(SRC, SRC_IDX, DST, DST_IDX, n, s_src, s_dst,
         todo = mask & ((offs * 0 + si) >= 0)
         x = tl.load(SRC + si * s_src + offs, mask=todo)
         tl.store(DST + di * s_dst + offs, x, mask=todo)
+        if PAIR:  # V with K's indices: one launch for both
+            x = tl.load(SRC2 + si * s_src2 + offs, mask=todo)
+            tl.store(DST2 + di * s_dst2 + offs, x, mask=todo)
 
 
-def _launch(src, src_idx, dst, dst_idx, device, min_programs, num_warps, per_program):
-    """src and dst: tensors on `device`, or _HostPtr-wrapped pinned host pools."""
+def _launch(src, src_idx, dst, dst_idx, device, min_programs, num_warps, per_program, pair):
+    """src and dst: tensors on `device`, or _HostPtr-wrapped pinned host pools; pair: (src2, dst2) alike, or None."""
     src_idx = src_idx.reshape(-1).to(device, non_blocking=True)
     dst_idx = dst_idx.reshape(-1).to(device, non_blocking=True)
     n = src_idx.numel()
-    s_src, s_dst = (x.t if isinstance(x, _HostPtr) else x for x in (src, dst))
-    page = s_dst[0].numel()
+    src2, dst2 = pair if pair is not None else (src, dst)
+    t = [x.t if isinstance(x, _HostPtr) else x for x in (src, dst, src2, dst2)]
+    page = t[1][0].numel()
     programs = max(1, min(n, max(min_programs, triton.cdiv(n, per_program))))
     _copy_pages_kernel[(programs,)](
-        src, src_idx, dst, dst_idx, n, s_src.stride(0), s_dst.stride(0),
-        PAGE=page, BLOCK=next_pow2(page), num_warps=num_warps,
+        src, src_idx, dst, dst_idx, src2, dst2, n, t[0].stride(0), t[1].stride(0), t[2].stride(0), t[3].stride(0),
+        PAGE=page, BLOCK=next_pow2(page), PAIR=pair is not None, num_warps=num_warps,
     )
 
 
-def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, *, min_programs=None, num_warps=None, per_program=None):
+def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, pair=None, *, min_programs=None, num_warps=None,
+                per_program=None):
     """copy_pages with the launch knobs exposed (the benchmark sweeps them)."""
     if src_idx.numel() == 0:
         return
     assert dst_idx.numel() == src_idx.numel(), "src_idx and dst_idx must have the same length"
-    assert src_pool.shape[1:] == dst_pool.shape[1:], "pools must have the same page shape"
+    pools = [(src_pool, dst_pool)] + ([tuple(pair)] if pair is not None else [])
+    for s, d in pools:
+        assert s.shape[1:] == d.shape[1:] == src_pool.shape[1:], "pools must have the same page shape"
     knobs = (min_programs or MIN_PROGRAMS, num_warps or NUM_WARPS, per_program or ENTRIES_PER_PROGRAM)
     src_dev, dst_dev = src_pool.device, dst_pool.device
-    pages_contiguous = src_pool[0].is_contiguous() and dst_pool[0].is_contiguous()
+    same_places = all(s.device == src_dev and d.device == dst_dev and s.is_pinned() == src_pool.is_pinned()
+                      and d.is_pinned() == dst_pool.is_pinned() for s, d in pools)
+    pages_contiguous = same_places and all(s[0].is_contiguous() and d[0].is_contiguous() for s, d in pools)
+    wrap_src = wrap_dst = None
     if pages_contiguous and (src_dev == dst_dev or interpreting()):
-        # on-device gather (in the interpreter everything is CPU memory already)
-        _launch(src_pool, src_idx, dst_pool, dst_idx, dst_dev, *knobs)
+        wrap_src = wrap_dst = lambda x: x  # noqa: E731  on-device gather (the interpreter: all CPU memory)
+        device = dst_dev
     elif pages_contiguous and src_dev.type == "cpu" and src_pool.is_pinned() and dst_dev.type == "cuda":
-        _launch(_HostPtr(src_pool), src_idx, dst_pool, dst_idx, dst_dev, *knobs)  # zero-copy read over PCIe
+        wrap_src, wrap_dst, device = _HostPtr, (lambda x: x), dst_dev  # zero-copy read over PCIe
     elif pages_contiguous and dst_dev.type == "cpu" and dst_pool.is_pinned() and src_dev.type == "cuda":
-        _launch(src_pool, src_idx, _HostPtr(dst_pool), dst_idx, src_dev, *knobs)  # zero-copy write over PCIe
-    else:  # pageable host memory, another device, odd layouts: the reference (gather, then one copy)
+        wrap_src, wrap_dst, device = (lambda x: x), _HostPtr, src_dev  # zero-copy write over PCIe
+    if wrap_src is None:  # pageable host memory, another device, odd layouts: the reference (gather, then one copy)
         from flexicache_hf.ops import copy_pages_ref
 
-        copy_pages_ref(src_pool, src_idx, dst_pool, dst_idx)
+        for s, d in pools:
+            copy_pages_ref(s, src_idx, d, dst_idx)
+        return
+    _launch(wrap_src(src_pool), src_idx, wrap_dst(dst_pool), dst_idx, device, *knobs,
+            None if pair is None else (wrap_src(pair[0]), wrap_dst(pair[1])))
 
 
-def copy_pages(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor) -> None:
-    """dst_pool[dst_idx] = src_pool[src_idx] for page pools [S, page_size, D] (see ops.copy_pages_ref)."""
-    _copy_pages(src_pool, src_idx, dst_pool, dst_idx)
+def copy_pages(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor,
+               pair=None) -> None:
+    """dst_pool[dst_idx] = src_pool[src_idx] for page pools [S, page_size, D] (see ops.copy_pages_ref); with
+    pair = (src_pool2, dst_pool2), the same for them in the same launch (K and V)."""
+    _copy_pages(src_pool, src_idx, dst_pool, dst_idx, pair)

@@ -304,22 +304,31 @@ def test_kernel_page_minmax_strided_keys():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (80, torch.float32), (64, torch.float16)])
 @pytest.mark.parametrize("src_on_host", [True, False])
-def test_kernel_copy_pages(D, dtype, src_on_host):
+@pytest.mark.parametrize("paired", [False, True])
+def test_kernel_copy_pages(D, dtype, src_on_host, paired):
+    """Scattered pages, some entries skipped (-1); paired: a second pool pair (V) copied with the same indices
+    in the same launch."""
     ps, S_src, S_dst, n = 16, 23, 13, 9
-    src = torch.randn(S_src, ps, D).to(dtype)
+    srcs = [torch.randn(S_src, ps, D).to(dtype) for _ in range(2)]
     if DEV.type == "cuda":
-        src = src.pin_memory() if src_on_host else src.to(DEV)
+        srcs = [s.pin_memory() if src_on_host else s.to(DEV) for s in srcs]
     elif not src_on_host:
         pytest.skip("no second device on the CPU")
-    dst = torch.randn(S_dst, ps, D, device=DEV).to(dtype)
+    dsts = [torch.randn(S_dst, ps, D, device=DEV).to(dtype) for _ in range(2)]
     src_idx = torch.randperm(S_src)[:n]
+    src_idx[3] = -1
     dst_idx = torch.randperm(S_dst)[:n]
-    expect = dst.clone()
-    ops.copy_pages_ref(src, src_idx, expect, dst_idx)
-    copy._copy_pages(src, src_idx, dst, dst_idx, min_programs=4)  # fewer programs than pages: grid-stride
+    expect, before = [d.clone() for d in dsts], dsts[1].clone()
+    for s, e in zip(srcs, expect):
+        ops.copy_pages_ref(s, src_idx, e, dst_idx)
+    pair = (srcs[1], dsts[1]) if paired else None
+    copy._copy_pages(srcs[0], src_idx, dsts[0], dst_idx, pair, min_programs=4)  # fewer programs than pages
     if DEV.type == "cuda":
         torch.cuda.synchronize()
-    assert torch.equal(dst, expect)
+    assert torch.equal(dsts[0], expect[0])
+    assert torch.equal(dsts[1], expect[1] if paired else before)
+    ops.copy_pages(srcs[0], src_idx, expect[0], dst_idx, pair=(srcs[1], expect[1]))  # the dispatcher, same result
+    assert torch.equal(expect[0], dsts[0]) and (not paired or torch.equal(expect[1], dsts[1]))
 
 
 @pytest.mark.parametrize("to_host", [True, False])

@@ -41,6 +41,11 @@ class Chunk(NamedTuple):
 class ContextViews:
     """LayerMemory's whole-context reads (prefill chunks, crop, full_kv) and its byte counts."""
 
+    def valid_tokens(self, n: int | None = None) -> torch.Tensor:
+        """[B, n] bool (the whole reserved width by default): which positions hold a real token (not padding,
+        written). Decode attention reads it in place; callers that keep it past the next append clone it."""
+        return self.kv_valid if n is None else self.kv_valid[:, :n]
+
     def context(self, chunk: Chunk | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Each head group's whole context: [(its KV heads [Hg], K, V [B, Hg, length, D])]."""
         parts = []

@@ -101,8 +101,8 @@ class OffloadedPages:
         B, H, S, ps, D = self.k.shape
         rows = self._rows.view(-1)
         dst = ops.host_index(pos // ps, rows, B * H) * ps + pos % ps
-        for new, host in ((k, self.host_k_mapped), (v, self.host_v_mapped)):
-            ops.copy_pages(new.reshape(B * H, 1, D), rows, host.view(-1, 1, D), dst)
+        ops.copy_pages(k.reshape(B * H, 1, D), rows, self.host_k_mapped.view(-1, 1, D), dst,
+                       pair=(v.reshape(B * H, 1, D), self.host_v_mapped.view(-1, 1, D)))
 
     def wait_offloads(self, host_reader: bool) -> None:
         """Order a read of the host pool after the writes in flight.
@@ -209,8 +209,8 @@ class OffloadedPages:
         dst_idx = torch.where(missing, ops.slot_index(self._rows, dst, S), -1).view(-1)
         ps, D = self.k.shape[3:]
         self.wait_offloads(host_reader=not self.pin)
-        for host, gpu in ((self.host_k_mapped, self.k), (self.host_v_mapped, self.v)):
-            ops.copy_pages(host.view(-1, ps, D), src_idx, gpu.view(-1, ps, D), dst_idx)
+        ops.copy_pages(self.host_k_mapped.view(-1, ps, D), src_idx, self.k.view(-1, ps, D), dst_idx,
+                       pair=(self.host_v_mapped.view(-1, ps, D), self.v.view(-1, ps, D)))
 
     def promote_in_background(self, selected: torch.Tensor, current_page: torch.Tensor) -> None:
         """A rerank's promotion, overlapped with the rest of the step: queued after everything the compute
