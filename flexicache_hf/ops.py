@@ -263,9 +263,11 @@ def paged_decode_attention_ref(q: torch.Tensor, groups, kv_valid: torch.Tensor, 
     return out
 
 
-def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor) -> None:
+def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torch.Tensor, dst_idx: torch.Tensor,
+                   pair=None) -> None:
     """dst_pool[dst_idx] = src_pool[src_idx] for page pools [S, page_size, D] on any devices; entries
-    whose src_idx is -1 copy nothing (fixed-shape callers mark the pages that need no copy that way).
+    whose src_idx is -1 copy nothing (fixed-shape callers mark the pages that need no copy that way). With
+    pair = (src_pool2, dst_pool2), the same copy for them too (V with K's indices).
 
     Used for promotion (pinned host pool -> GPU slots) and decode offload (GPU slots -> host pool). This
     reference gathers on the source device and then copies: the slow path on CUDA (it waits for the
@@ -275,8 +277,8 @@ def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torc
     src_idx, dst_idx = src_idx[keep], dst_idx[keep.to(dst_idx.device)]
     if src_idx.numel() == 0:
         return
-    pages = src_pool[src_idx.to(src_pool.device)]
-    dst_pool[dst_idx.to(dst_pool.device)] = pages.to(dst_pool.device)
+    for src, dst in [(src_pool, dst_pool)] + ([pair] if pair is not None else []):
+        dst[dst_idx.to(dst.device)] = src[src_idx.to(src.device)].to(dst.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,9 +365,7 @@ def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto", pair=No
         use_kernels = False
     k = _kernels(gpu.device, use_kernels)
     if k is None:
-        for s, d in [(src_pool, dst_pool)] + ([pair] if pair is not None else []):
-            copy_pages_ref(s, src_idx, d, dst_idx)
-        return
+        return copy_pages_ref(src_pool, src_idx, dst_pool, dst_idx, pair)
     with _on(gpu):
         return k.copy_pages(src_pool, src_idx, dst_pool, dst_idx, pair)
 

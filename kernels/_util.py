@@ -67,3 +67,10 @@ def new_output(shape, device, dtype) -> torch.Tensor:
     if POISON and dtype.is_floating_point:
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
+
+
+def skip_args(skip, placeholder) -> tuple:
+    """(SKIP pointer, HAS_SKIP) for a kernel that takes a skip flag: a device flag [1] that, where set, makes the
+    kernel return at once (a compiled step's stable heads, which select only at reranks but launch at every
+    step); without one, any tensor stands in for the pointer, never read."""
+    return (placeholder, False) if skip is None else (skip, True)

@@ -82,28 +82,24 @@ def _copy_pages(src_pool, src_idx, dst_pool, dst_idx, pair=None, *, min_programs
     if src_idx.numel() == 0:
         return
     assert dst_idx.numel() == src_idx.numel(), "src_idx and dst_idx must have the same length"
-    pools = [(src_pool, dst_pool)] + ([tuple(pair)] if pair is not None else [])
-    for s, d in pools:
-        assert s.shape[1:] == d.shape[1:] == src_pool.shape[1:], "pools must have the same page shape"
+    src2, dst2 = pair if pair is not None else (src_pool, dst_pool)
+    srcs, dsts = (src_pool, src2), (dst_pool, dst2)
+    assert all(p.shape[1:] == src_pool.shape[1:] for p in srcs + dsts), "pools must have the same page shape"
     knobs = (min_programs or MIN_PROGRAMS, num_warps or NUM_WARPS, per_program or ENTRIES_PER_PROGRAM)
     src_dev, dst_dev = src_pool.device, dst_pool.device
-    same_places = all(s.device == src_dev and d.device == dst_dev and s.is_pinned() == src_pool.is_pinned()
-                      and d.is_pinned() == dst_pool.is_pinned() for s, d in pools)
-    pages_contiguous = same_places and all(s[0].is_contiguous() and d[0].is_contiguous() for s, d in pools)
-    wrap_src = wrap_dst = None
-    if pages_contiguous and (src_dev == dst_dev or interpreting()):
-        wrap_src = wrap_dst = lambda x: x  # noqa: E731  on-device gather (the interpreter: all CPU memory)
-        device = dst_dev
-    elif pages_contiguous and src_dev.type == "cpu" and src_pool.is_pinned() and dst_dev.type == "cuda":
-        wrap_src, wrap_dst, device = _HostPtr, (lambda x: x), dst_dev  # zero-copy read over PCIe
-    elif pages_contiguous and dst_dev.type == "cpu" and dst_pool.is_pinned() and src_dev.type == "cuda":
-        wrap_src, wrap_dst, device = (lambda x: x), _HostPtr, src_dev  # zero-copy write over PCIe
-    if wrap_src is None:  # pageable host memory, another device, odd layouts: the reference (gather, then one copy)
+    usable = (all(x.device == src_dev for x in srcs) and all(x.device == dst_dev for x in dsts)
+              and all(x[0].is_contiguous() for x in srcs + dsts))
+    same = lambda x: x  # noqa: E731
+    if usable and (src_dev == dst_dev or interpreting()):
+        wrap_src, wrap_dst, device = same, same, dst_dev  # on-device gather (the interpreter: all CPU memory)
+    elif usable and src_dev.type == "cpu" and all(x.is_pinned() for x in srcs) and dst_dev.type == "cuda":
+        wrap_src, wrap_dst, device = _HostPtr, same, dst_dev  # zero-copy read over PCIe
+    elif usable and dst_dev.type == "cpu" and all(x.is_pinned() for x in dsts) and src_dev.type == "cuda":
+        wrap_src, wrap_dst, device = same, _HostPtr, src_dev  # zero-copy write over PCIe
+    else:  # pageable host memory, another device, odd layouts: the reference (gather, then one copy)
         from flexicache_hf.ops import copy_pages_ref
 
-        for s, d in pools:
-            copy_pages_ref(s, src_idx, d, dst_idx)
-        return
+        return copy_pages_ref(src_pool, src_idx, dst_pool, dst_idx, pair)
     _launch(wrap_src(src_pool), src_idx, wrap_dst(dst_pool), dst_idx, device, *knobs,
             None if pair is None else (wrap_src(pair[0]), wrap_dst(pair[1])))
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import gdc_launch_dependents, gdc_wait, new_output, next_pow2, pdl
+from ._util import gdc_launch_dependents, gdc_wait, new_output, next_pow2, pdl, skip_args
 
 # Pages per program and warps: timed inside the whole decode step (L2-cold, benchmarks/timeline.py
 # --variants), 16 pages x 2 warps beat 32 x 4 (the best alone, L2-warm): 33 vs 34 us at 32k/batch 8
@@ -174,12 +174,6 @@ def _mass_kernel(LSE, OUT, P, SKIP, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK:
         tl.store(OUT + n.to(tl.int64) * P + offs, mass, mask=offs < P)
 
 
-def _skip_args(skip, out) -> tuple:
-    """(SKIP pointer, HAS_SKIP): a device flag [1] that, where set, makes the kernel return at once (a compiled
-    step's stable heads, which select only at reranks but launch at every step)."""
-    return (out, False) if skip is None else (skip, True)
-
-
 def _prepare(q, kmin, kmax, codes, page_valid, current, heads, out):
     """Shared launch arguments: unit-stride inputs, the query row mapping and the candidate mask."""
     N, P, D = kmin.shape
@@ -215,7 +209,7 @@ def _sketch(q, kmin, kmax, codes, out, mask_args, map_args, scale, flags, skip=N
     # the fastest of 1-4k x 1-4 warps at 32k/batch 1 and 8 and 10k/batch 40; 8k elements x 4 warps
     # with a tl.dot over the group ran 7-8x slower (register spills)
     block_p = max(1, SKETCH_ELEMENTS // (ps * d_pad))
-    skip_ptr, has_skip = _skip_args(skip, out)
+    skip_ptr, has_skip = skip_args(skip, out)
     _sketch_scores_kernel[(N, triton.cdiv(P, block_p))](
         q, kmin, kmax, codes, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         kmax.stride(0), kmax.stride(1), codes.stride(0), codes.stride(1), codes.stride(2), *mask_args, *map_args,
@@ -244,7 +238,7 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_va
     q, kmin, kmax, codes, mask_args, map_args, flags = _prepare(q, kmin, kmax, codes, page_valid, current, heads, out)
     if codes is not None:
         return _sketch(q, kmin, kmax, codes, out, mask_args, map_args, 1.0, dict(LSE=False, **flags), skip)
-    skip_ptr, has_skip = _skip_args(skip, out)
+    skip_ptr, has_skip = skip_args(skip, out)
     _page_scores_kernel[(N, triton.cdiv(P, BLOCK_P))](
         q, kmin, kmax, out, P, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         kmax.stride(0), kmax.stride(1), *mask_args, *map_args, float(spread), skip_ptr, G=G, D=D,
@@ -283,7 +277,7 @@ def page_mass(lse: torch.Tensor, skip=None) -> torch.Tensor:
         return out.fill_(float("-inf"))
     lse = lse.contiguous()
     g_pad = next_pow2(G)
-    skip_ptr, has_skip = _skip_args(skip, out)
+    skip_ptr, has_skip = skip_args(skip, out)
     _mass_kernel[(N,)](lse, out, P, skip_ptr, G=G, G_PAD=g_pad, BLOCK=max(16, min(MASS_BLOCK // g_pad, next_pow2(P))),
                        num_warps=MASS_WARPS, HAS_SKIP=has_skip, **pdl(lse.device))
     return out

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import gdc_launch_dependents, gdc_wait, next_pow2, pdl
-from .scores import _skip_args, page_lse, page_mass, page_scores
+from ._util import gdc_launch_dependents, gdc_wait, next_pow2, pdl, skip_args
+from .scores import page_lse, page_mass, page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
 FINAL = 512  # a row at most this long is finished by one program
@@ -106,8 +106,8 @@ def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None,
         return out
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
     x, L, from_scores = scores, P, True
-    launch = dict(pdl(scores.device), HAS_SKIP=skip is not None)
-    skip_ptr = _skip_args(skip, scores)[0]
+    skip_ptr, has_skip = skip_args(skip, scores)
+    launch = dict(pdl(scores.device), HAS_SKIP=has_skip)
     chunk, final = max(CHUNK, next_pow2(2 * k)), max(FINAL, next_pow2(2 * k))
     while L > final:
         n_chunks = triton.cdiv(L, chunk)
