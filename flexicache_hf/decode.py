@@ -42,15 +42,18 @@ class DecodeFlags(NamedTuple):
                    rerank=has_stable and (first or since % rerank_interval == 0), first=first)
 
 
+DecodeFlags.PLAIN = DecodeFlags(False, False, False, False)  # most steps: write the token, select, attend
+
+
 # ---- the step ----------------------------------------------------------------------------------------
 def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: float, use_kernels="auto",
                 record=None) -> torch.Tensor:
     """Attention of one new token: q [B, H, G, D] (H KV heads, G query heads each) -> [B, H, G, D].
 
-    flags: the step kind; None for a compiled step, which has no Python branch on it: the stable heads'
+    flags: the step kind; None for a compiled step that decides it on the device, with no Python branch on it
+    (compiled plain steps get DecodeFlags.PLAIN, their own lean graph): the stable heads'
     selection is launched at every step but selects (and their promotions apply) only where the device flags
-    (memory.rerank_flags) say,
-    which leaves the same state as the eager step (the promotion of a periodic rerank runs after attention
+    (memory.rerank_flags) say, which leaves the same state as the eager step (the promotion of a periodic rerank runs after attention
     on the compute stream instead of the copy stream).
     `record(group, pages)`, if given, sees each selection: ("unstable", their top-K page ids [B, Hu, K]) every
     step, ("stable", [B, Hs, K]) at a rerank (online calibration, a SelectionRecorder)."""
@@ -82,5 +85,5 @@ def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: 
                                      scale, use_kernels)
     if promote is not None:
         memory.promote(promote[0], background=flags is not None, active=promote[1])
-    memory.next_position(static=flags is None)
+    memory.next_position()
     return out

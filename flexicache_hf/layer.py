@@ -10,11 +10,12 @@ Layer state is the memory's: its length and the length at the last multi-token f
 afresh after one); the step kind (DecodeFlags) is derived from the two.
 
 Under torch.compile (generate() compiles the decode step on CUDA: `is_compileable`) a decode step reads no
-Python state that changes from step to step: the memory appends with `append_token(k, v, None, None)` and
-decode_step runs with flags=None (the step kind is decided on the device), so one compiled graph serves
-every step. Before each step, transformers asks the cache for the mask sizes (eagerly, in
-prepare_inputs_for_generation): that is where room for the step's token is made, since a compiled step
-cannot grow a buffer.
+Python state that changes from step to step except one bool, `plain_next`, so two compiled graphs serve every
+step: plain steps (no new page, no fill, no rerank: most steps) run DecodeFlags.PLAIN, a lean graph without
+the stable heads' selection, promotion and page summary; every other step runs `append_token(k, v, None,
+None)` and decode_step with flags=None, which decide the step kind on the device. Before each step,
+transformers asks the cache for the mask sizes (eagerly, in prepare_inputs_for_generation): that is where
+room for the step's token is made, since a compiled step cannot grow a buffer, and `plain_next` is set.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from flexicache_hf.decode import DecodeFlags, decode_step
 from flexicache_hf.memory import LayerMemory
 
 NAME = "flexicache"
-_COMPILED = "compiled"  # update() -> attend(): a compiled decode step
+_COMPILED = "compiled"  # update() -> attend(): a compiled decode step that decides its kind on the device
+_COMPILED_PLAIN = "compiled plain"  # ... a compiled plain step (DecodeFlags.PLAIN)
 
 
 class FlexiKV:
@@ -117,6 +119,7 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         self.pending = None  # what update() leaves for attend(): (start, n, keys, values, chunk, flags)
         self.calibration = None  # profile="auto": the cache's OnlineCalibration while it records
         self.recorder = None  # a SelectionRecorder (cache.record_selections): sees every selection, eager steps only
+        self.plain_next = False  # the next decode step is a plain one (set eagerly before a compiled step)
 
     def set_split(self, unstable_heads: list[int]) -> None:
         """Which heads are unstable (GPU pages) and stable (slots + host pool), from the next initialisation
@@ -181,8 +184,11 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         if key_states.shape[2] != 1 or not self.is_initialized:
             raise RuntimeError("FlexiCache compiles decode steps only: run the prefill (the first forward of a "
                                "request, and any multi-token forward) without torch.compile, as generate() does")
-        self.memory.append_token(key_states, value_states, None, None)
-        self.pending = _COMPILED
+        # the step kind is a Python bool that torch.compile guards on: two graphs, a lean one for plain steps
+        # (most steps) and one that decides new page, fill and rerank on the device
+        plain = self.plain_next
+        self.memory.append_token(key_states, value_states, *((False, False) if plain else (None, None)))
+        self.pending = _COMPILED_PLAIN if plain else _COMPILED
         handle = FlexiKV(self)
         return handle, handle
 
@@ -193,9 +199,10 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         if kwargs.get("softcap") is not None:
             raise NotImplementedError("FlexiCache does not support attention logit softcapping (softcap)")
         scale = scaling if scaling is not None else module.scaling
-        if self.pending is _COMPILED:
+        if self.pending is _COMPILED or self.pending is _COMPILED_PLAIN:
+            flags = DecodeFlags.PLAIN if self.pending is _COMPILED_PLAIN else None
             self.pending = None
-            return self._decode(query, scale, None), None
+            return self._decode(query, scale, flags), None
         start, n, keys, values, chunk, flags = self.pending
         self.pending = None
         if flags is not None:
@@ -261,6 +268,7 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
     def ready_for_compiled_step(self) -> None:
         if self.is_initialized and self.length > 0:
             self.memory.ready_for_static_step()
+            self.plain_next = self.decode_flags() == DecodeFlags.PLAIN
 
     def get_seq_length(self) -> int:
         if torch.compiler.is_compiling():  # the length as a tensor, as transformers' static layers give it

@@ -1,4 +1,4 @@
-"""generate() compiles FlexiCache's decode step (is_compileable): one graph serves every step kind, the
+"""generate() compiles FlexiCache's decode step (is_compileable): two graphs serve every step kind, the
 tokens are those of the eager step, full budget equals dense, a reused cache keeps its graphs.
 
 On the CPU, transformers' own compile path runs with the "eager" backend and fullgraph=True (any graph
@@ -52,7 +52,8 @@ def pair():
 
 def _compiled_equals_eager(fc, knobs):
     """Generate eagerly and compiled (fresh caches, `knobs`): the same tokens, the same length, bit-identical
-    K/V (nothing lost), and a graph only when a buffer grew. Returns the tokens."""
+    K/V (nothing lost), and two graphs (plain steps, every other kind) more only when a buffer grew. Returns
+    the tokens."""
     torch._dynamo.reset()
     ids, mask = _inputs("cpu")
     eager_cache, compiled_cache = make_cache(fc, **knobs), make_cache(fc, **knobs)
@@ -60,7 +61,7 @@ def _compiled_equals_eager(fc, knobs):
     before = _graphs()
     compiled = _generate(fc, compiled_cache, ids, mask, True)
     assert torch.equal(eager, compiled)
-    assert _graphs() - before <= 2
+    assert _graphs() - before <= 4
     assert compiled_cache.get_seq_length() == eager_cache.get_seq_length()
     for i in range(len(fc.model.layers)):
         for a, b in zip(eager_cache.full_kv(i), compiled_cache.full_kv(i)):
@@ -68,9 +69,10 @@ def _compiled_equals_eager(fc, knobs):
     return eager
 
 
-def test_compiled_decode_equals_the_eager_step_with_one_graph_for_every_step_kind(pair):
-    """40 steps over fills, new pages, reranks and buffer growth: the same tokens, the same K/V, and a graph
-    only when a buffer grew (shapes change; transformers' dynamic shapes absorb later growth)."""
+def test_compiled_decode_equals_the_eager_step_with_two_graphs_for_every_step_kind(pair):
+    """40 steps over fills, new pages, reranks and buffer growth: the same tokens, the same K/V, and two graphs
+    (plain steps; the rest) more only when a buffer grew (shapes change; transformers' dynamic shapes absorb
+    later growth)."""
     _compiled_equals_eager(pair[1], KNOBS)
 
 

@@ -13,8 +13,8 @@ the full pages, `length // page_size`; the host pool holds every token of the st
 through as each arrives).
 
 A decode step appends its token eagerly (append_token with the step kind: Python branches on it) or
-compiled (append_token(k, v, None, None): no Python branch, no Python length; the same state results, and
-`length` catches up from `pos` when next read).
+compiled (no Python length; append_token(k, v, None, None) decides the kind on the device, a compiled plain
+step passes False, False; the same state results, and `length` catches up from `pos` when next read).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class LayerMemory(ContextViews):
         the current page's metadata is rewritten at every step (it is read only once the page is full, when it
         equals what the fill step writes). Room was made beforehand (ready_for_static_step): a compiled step
         cannot grow a buffer."""
-        if fill is not None:
+        if not torch.compiler.is_compiling():  # a compiled step's room was made before it
             self.reserve(self.length + 1)
         k_u, k_s = self.split(k)
         v_u, v_s = self.split(v)
@@ -327,11 +327,11 @@ class LayerMemory(ContextViews):
         else:
             self.stable.promote(selected, self.current_page(), active)
 
-    def next_position(self, static: bool = False) -> None:
+    def next_position(self) -> None:
         """The decode step is done: the device position advances (in the step) and the length with it; a
         compiled step leaves the length to catch up when next read."""
         self.pos.add_(1)
-        if static:
+        if torch.compiler.is_compiling():
             self._stale = True
         else:
             self.length += 1
