@@ -152,33 +152,31 @@ class Forced:
         return forced.scatter_(1, self.tokens[:, len(self.logits) - 1, None], 0.0)
 
 
-def _close_logits(ref: Forced, got: Forced, tol: float, outliers: float = 0.0):
-    """Every step's logits within tol of the logits' scale (all but a fraction `outliers` of the steps); the greedy
-    token the same wherever ref's margin over its runner-up exceeds twice that, on the steps within tol."""
+def _close_logits(ref: Forced, got: Forced, tol: float):
+    """Every step's logits within tol of the logits' scale; the greedy token the same wherever ref's margin over
+    its runner-up exceeds twice that."""
     a, b = torch.stack(ref.logits), torch.stack(got.logits)
     scale = a.abs().amax()
-    step = (a - b).abs().flatten(1).amax(-1) / scale
-    within = step <= tol
-    assert (~within).float().mean() <= outliers, step.tolist()
-    a, b = a[within], b[within]
+    assert (a - b).abs().amax() <= tol * scale, ((a - b).abs().amax() / scale).item()
     top2 = a.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 2 * tol * scale
     assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
-# bf16 at a 2-page budget: inductor rounds the model's own ops (rotary, norms) differently from eager, so the
-# K the cache receives differ by an ulp (0.016 of 1.0 in bf16); where two pages' scores nearly tie, the selection
-# flips and that step's logits move by up to ~0.3-0.7 of their scale (reproduced on the CPU with inductor: isolated
-# steps, while at a full budget every step stays within 0.012). A bug would not stay isolated.
-BF16_TIGHT_OUTLIERS = 0.15
+# bf16 at a 2-page budget is not compared step by step: inductor rounds the model's own ops (rotary, norms)
+# differently from eager, so the K the cache receives differ by an ulp, and at so tight a budget page choices
+# are that sensitive. Eager alone, with K moved by one bf16 ulp at 10% of its elements, has 35% of its steps'
+# logits off by more than 0.03 of their scale (max 0.71) at this budget and none at a full one
+# (experiments/bf16_tie_sensitivity.py); the compiled step on the H200: 45%, max ~0.67. Full budget in bf16 and
+# tight budget in fp32 (exact) are what test the compiled step's logic.
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_generate_on_cuda_compiles_and_equals_eager(dtype):
     """generate()'s own path on CUDA (inductor, CUDA graphs) at a tight budget (selection, promotions, reranks).
-    fp32: the eager step's tokens exactly. bf16: on the eager step's tokens (teacher forcing) the logits within
-    bf16 tolerance but at near-tie page flips (BF16_TIGHT_OUTLIERS). Both: a reused cache adds no graph."""
+    fp32: the eager step's tokens and logits (teacher forcing) exactly. bf16: it runs (see the note above); a
+    reused cache adds no graph and repeats its tokens."""
     torch._dynamo.reset()
     _, fc = tiny_pair("llama", 6, 2, 32, layers=2, dtype=dtype)
     fc = fc.cuda()
@@ -192,9 +190,8 @@ def test_default_generate_on_cuda_compiles_and_equals_eager(dtype):
     before = _graphs()
     again = _generate(fc, cache, ids, mask, None, logits_processor=[Forced(eager[:, ids.shape[1]:])])
     assert torch.equal(again, compiled) and _graphs() == before
-    _close_logits(eager_logits, forced, 1e-4 if dtype == torch.float32 else 0.03,
-                  outliers=0.0 if dtype == torch.float32 else BF16_TIGHT_OUTLIERS)
-    if dtype == torch.float32:  # unforced: the same greedy tokens
+    if dtype == torch.float32:  # and unforced: the same greedy tokens
+        _close_logits(eager_logits, forced, 1e-4)
         assert torch.equal(_generate(fc, make_cache(fc, **KNOBS), ids, mask, None), eager)
 
 
