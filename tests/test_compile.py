@@ -76,6 +76,17 @@ def test_compiled_decode_equals_the_eager_step_with_two_graphs_for_every_step_ki
     _compiled_equals_eager(pair[1], KNOBS)
 
 
+def test_plain_steps_run_their_own_graph(pair):
+    """Without buffer growth exactly two graphs: the lean one for plain steps and the one that decides the kind on
+    the device (a layer that never set `plain_next` would compile one graph and be slower, not wrong)."""
+    torch._dynamo.reset()
+    _, fc = pair
+    ids, mask = _inputs("cpu")
+    before = _graphs()
+    _generate(fc, make_cache(fc, **dict(KNOBS, host_headroom_pages=64, warmup_steps=0)), ids, mask, True, new=12)
+    assert _graphs() - before == 2
+
+
 def test_compiled_warm_up_equals_the_eager_step(pair):
     """A warm-up of 7 steps (stable heads re-select and promote before attention at each), then reranks every 3:
     the compiled step's device flags follow the same schedule, the same tokens and K/V, no graph more."""
