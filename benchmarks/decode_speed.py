@@ -96,7 +96,8 @@ def run(model, method, ids, steps):
         ttft = generate(model, ids, steps + 1, clock, **kw)
     finally:
         flexicache_hf.disable_cuda_graphs(model)
-    gaps = sorted(1000 * (b - a) for a, b in zip(clock.times, clock.times[1:]))
+    steps_ms = [1000 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
+    gaps = sorted(steps_ms)
     from torch._dynamo.utils import counters
 
     # whether the compiled step is one CUDA graph: graph breaks and skipped cudagraphs show up here
@@ -105,10 +106,23 @@ def run(model, method, ids, steps):
     row = {"method": method, "ttft_s": ttft, "ttft_first_s": ttft_first, "median_ms": statistics.median(gaps),
            "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], "max_ms": gaps[-1], "steps": len(gaps)}
     if cache is not None:
+        row["by_kind"] = by_kind(steps_ms, cache.config, ids.shape[1])
         rep = cache.memory_report()
         row["kv_reserved_gib"] = (rep["gpu_reserved_bytes"]) / 2**30
         row["report"] = rep
     return row
+
+
+def by_kind(steps_ms, cfg, prompt_len) -> dict:
+    """Median and max step time of plain steps (the compiled lean graph) and of the others (new page, page fill,
+    rerank: the second graph). Step j decodes the token at position prompt_len + j."""
+    from flexicache_hf.decode import DecodeFlags
+
+    kinds = {"plain": [], "other": []}
+    for j, ms in enumerate(steps_ms):
+        flags = DecodeFlags.at(prompt_len + j, prompt_len, cfg.page_size, cfg.rerank_interval, True, cfg.warmup_steps)
+        kinds["plain" if flags == DecodeFlags.PLAIN else "other"].append(ms)
+    return {k: (len(v), statistics.median(v), max(v)) for k, v in kinds.items() if v}
 
 
 def step_bytes(model, method, batch, ctx, report=None) -> float:
@@ -157,6 +171,10 @@ def main(argv=None):
         speedup = f"{best / r['median_ms']:.2f}x" if best else "-"
         print(f"| {r['method']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['floor_ms']:.2f} | "
               f"{r['median_ms'] / r['floor_ms']:.2f} | {speedup} | {r['ttft_s']:.2f} | {r['ttft_first_s']:.2f} |")
+    for r in rows:
+        if "by_kind" in r:
+            print(f"\n{r['method']}: " + "; ".join(f"{k} steps: {n}, median {med:.2f} ms, max {mx:.2f} ms"
+                                                  for k, (n, med, mx) in r["by_kind"].items()))
 
 
 if __name__ == "__main__":
