@@ -18,7 +18,8 @@ the dense K/V (decode steps only; prefill is dense, as in every method):
   options, appended with '|': `|profile=all_unstable` (or all_stable) instead of the model's profile;
                      `|rerank=0,1,2,4,8,16` the decode steps at which stable heads (re)select (default: every
                      16 from step 0), e.g. `flexi|rerank=0,1,2,3,4,6,8,16,32,48`; `|add=7.2,17.1` makes
-                     these (layer.head) unstable too.
+                     these (layer.head) unstable too; `|warmup=16` re-selects the stable heads with immediate
+                     effect at each of the first 16 decode steps (the cache's default warm-up).
 
 At every decode step of the *flexi* run, for every layer and KV head and every page holding an answer token
 (the needle's value in the prompt), it records the page's true attention mass (softmax over all keys, summed
@@ -81,6 +82,7 @@ class Sim:
     K = 16
     PS = 16
     interval = 16
+    warmup = 0  # the first `warmup` decode steps: stable heads re-select with immediate effect (the cache's warm-up)
     step = 0
     meta: dict = {}  # layer -> (pages summarised, kmin, kmax, codes) for that scorer
     stable: dict = {}  # layer -> {"sel": bool [H, P], "tail": first page of the tail, "pending": (sel, tail) | None}
@@ -225,9 +227,9 @@ def diag_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         st = Sim.stable.get(layer)
         first = st is None
         due = Sim.step % Sim.interval == 0 if Sim.rerank_steps is None else Sim.step in Sim.rerank_steps
-        if first or due:  # stable heads' (re)selection
+        if first or due or Sim.step < Sim.warmup:  # stable heads' (re)selection
             new = {"sel": sel, "tail": cur}
-            if first:
+            if first or Sim.step < Sim.warmup:
                 st = Sim.stable[layer] = {**new, "pending": None}
             else:
                 st["pending"] = new  # serves from the next step on
@@ -400,6 +402,7 @@ def main():
                 if "add" in opts:  # extra unstable heads, e.g. |add=7.2,17.1
                     Sim.unstable = Sim.unstable | {tuple(map(int, x.split("."))) for x in opts["add"].split(",")}
                 Sim.rerank_steps = {int(x) for x in opts["rerank"].split(",")} if "rerank" in opts else None
+                Sim.warmup = int(opts.get("warmup", 0))
                 Sim.scorer = scorer_from(expr) if kind == "flexi" else None
                 Sim.record = [] if kind == "flexi" else None
                 t = time.time()
