@@ -186,7 +186,7 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
                                "request, and any multi-token forward) without torch.compile, as generate() does")
         # the step kind is a Python bool that torch.compile guards on: two graphs, a lean one for plain steps
         # (most steps) and one that decides new page, fill and rerank on the device
-        plain = self.plain_next
+        plain, self.plain_next = self.plain_next, False  # a step not readied by get_mask_sizes runs the full graph
         self.memory.append_token(key_states, value_states, *((False, False) if plain else (None, None)))
         self.pending = _COMPILED_PLAIN if plain else _COMPILED
         handle = FlexiKV(self)

@@ -78,13 +78,17 @@ def test_compiled_decode_equals_the_eager_step_with_two_graphs_for_every_step_ki
 
 def test_plain_steps_run_their_own_graph(pair):
     """Without buffer growth exactly two graphs: the lean one for plain steps and the one that decides the kind on
-    the device (a layer that never set `plain_next` would compile one graph and be slower, not wrong)."""
+    the device (a layer that never set `plain_next` would compile one graph and be slower, not wrong; a stale
+    True would be wrong, so each step clears it)."""
     torch._dynamo.reset()
     _, fc = pair
     ids, mask = _inputs("cpu")
     before = _graphs()
-    _generate(fc, make_cache(fc, **dict(KNOBS, host_headroom_pages=64, warmup_steps=0)), ids, mask, True, new=12)
+    cache = make_cache(fc, **dict(KNOBS, host_headroom_pages=64, warmup_steps=0))
+    _generate(fc, cache, ids, mask, True, new=12)
     assert _graphs() - before == 2
+    # each compiled step consumes the flag: a step that get_mask_sizes did not ready runs the full graph
+    assert not any(layer.plain_next for layer in cache.flexi_layers)
 
 
 def test_compiled_warm_up_equals_the_eager_step(pair):
