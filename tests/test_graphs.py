@@ -14,6 +14,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 
 def _generate(model, cache, ids, mask, new, keyword=CACHE_KWARG, **kw):
+    """generate() without its own compilation: on CUDA a FlexiCache is compileable, and the reference runs here
+    must be the eager step (enable_cuda_graphs turns compilation off by itself)."""
+    kw.setdefault("disable_compile", True)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, **{keyword: cache}, max_new_tokens=new, min_new_tokens=new,
                               do_sample=False, return_dict_in_generate=True, output_logits=True, **kw)
@@ -276,5 +279,7 @@ def test_graphs_replay_whichever_keyword_carries_the_cache(keyword):
         disable_cuda_graphs(fc)
     print(f"transformers {TRANSFORMERS}, {keyword}=: {cache.decode_graphs.replays} replays, "
           f"{cache.decode_graphs.captures} captures")
-    assert cache.decode_graphs.replays > 25
+    # 39 decode steps: each step kind runs eagerly once, is captured once, and is replayed from then on; the
+    # warm-up's re-selecting steps add kinds (7 captures here), so about two thirds of the steps are replays
+    assert cache.decode_graphs.replays > 20
     assert torch.equal(out.sequences, eager.sequences)
