@@ -106,22 +106,26 @@ def run(model, method, ids, steps):
     row = {"method": method, "ttft_s": ttft, "ttft_first_s": ttft_first, "median_ms": statistics.median(gaps),
            "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], "max_ms": gaps[-1], "steps": len(gaps)}
     if cache is not None:
-        row["by_kind"] = by_kind(steps_ms, cache.config, ids.shape[1])
+        row["by_kind"] = by_kind(steps_ms, cache, ids.shape[1])
         rep = cache.memory_report()
         row["kv_reserved_gib"] = (rep["gpu_reserved_bytes"]) / 2**30
         row["report"] = rep
     return row
 
 
-def by_kind(steps_ms, cfg, prompt_len) -> dict:
-    """Median and max step time of plain steps (the compiled lean graph) and of the others (new page, page fill,
-    rerank: the second graph). Step j decodes the token at position prompt_len + j."""
+def by_kind(steps_ms, cache, prompt_len) -> dict:
+    """Count, median and max step time per step kind: plain (the compiled lean graph), page (a new page or a
+    page fill), rerank (the periodic one) and warm-up (the stable heads re-select at once, the first
+    warmup_steps steps); the last three run the second graph. Step j decodes the token at prompt_len + j."""
     from flexicache_hf.decode import DecodeFlags
 
-    kinds = {"plain": [], "other": []}
+    cfg = cache.config
+    has_stable = any(layer.memory.stable is not None for layer in cache.layers)
+    kinds = {"plain": [], "page": [], "rerank": [], "warm-up": []}
     for j, ms in enumerate(steps_ms):
-        flags = DecodeFlags.at(prompt_len + j, prompt_len, cfg.page_size, cfg.rerank_interval, True, cfg.warmup_steps)
-        kinds["plain" if flags == DecodeFlags.PLAIN else "other"].append(ms)
+        f = DecodeFlags.at(prompt_len + j, prompt_len, cfg.page_size, cfg.rerank_interval, has_stable, cfg.warmup_steps)
+        kind = "warm-up" if f.first else "rerank" if f.rerank else "page" if f.new_page or f.fill else "plain"
+        kinds[kind].append(ms)
     return {k: (len(v), statistics.median(v), max(v)) for k, v in kinds.items() if v}
 
 

@@ -31,8 +31,6 @@ from flexicache_hf.decode import DecodeFlags, decode_step
 from flexicache_hf.memory import LayerMemory
 
 NAME = "flexicache"
-_COMPILED = "compiled"  # update() -> attend(): a compiled decode step that decides its kind on the device
-_COMPILED_PLAIN = "compiled plain"  # ... a compiled plain step (DecodeFlags.PLAIN)
 
 
 class FlexiKV:
@@ -116,7 +114,9 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         self.layer_idx, self.num_kv_heads, self.cfg = layer_idx, num_kv_heads, config
         self.set_split(unstable_heads)
         self.memory: LayerMemory | None = None
-        self.pending = None  # what update() leaves for attend(): (start, n, keys, values, chunk, flags)
+        # what update() leaves for attend(): (start, n, keys, values, chunk, flags); keys None for a decode step,
+        # whose flags are None where a compiled step decides its kind on the device
+        self.pending = None
         self.calibration = None  # profile="auto": the cache's OnlineCalibration while it records
         self.recorder = None  # a SelectionRecorder (cache.record_selections): sees every selection, eager steps only
         self.plain_next = False  # the next decode step is a plain one (set eagerly before a compiled step)
@@ -188,7 +188,7 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         # (most steps) and one that decides new page, fill and rerank on the device
         plain, self.plain_next = self.plain_next, False  # a step not readied by get_mask_sizes runs the full graph
         self.memory.append_token(key_states, value_states, *((False, False) if plain else (None, None)))
-        self.pending = _COMPILED_PLAIN if plain else _COMPILED
+        self.pending = (None, 1, None, None, None, DecodeFlags.PLAIN if plain else None)
         handle = FlexiKV(self)
         return handle, handle
 
@@ -199,13 +199,9 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         if kwargs.get("softcap") is not None:
             raise NotImplementedError("FlexiCache does not support attention logit softcapping (softcap)")
         scale = scaling if scaling is not None else module.scaling
-        if self.pending is _COMPILED or self.pending is _COMPILED_PLAIN:
-            flags = DecodeFlags.PLAIN if self.pending is _COMPILED_PLAIN else None
-            self.pending = None
-            return self._decode(query, scale, flags), None
         start, n, keys, values, chunk, flags = self.pending
         self.pending = None
-        if flags is not None:
+        if keys is None:  # a decode step
             return self._decode(query, scale, flags), None
         self._record_validity(attention_mask, start, n)
         sdpa = lambda q, k, v: sdpa_attention_forward(  # noqa: E731
