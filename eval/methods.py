@@ -17,6 +17,7 @@ budget in tokens per KV head visible to decode attention:
 | duo_attention | DuoAttention-style: the profile's unstable heads keep every token, the others sinks + recent tokens | the window that gives FlexiCache's GPU K/V bytes at this budget |
 | oracle_pages | every head, every step: the top-K pages by true attention mass (+ the current page), computed from all keys: the ceiling of any page selector, not a method | as flexicache |
 | oracle_pages_pooled | the same, but the layer's KV heads share their budget: the K x heads pages of highest mass in the layer, however many per head (a diagnostic of per-head budgets) | as flexicache, per head on average |
+| oracle_pages_p90 / _p95 / _p98 | a top-p budget: each head, each step, its pages of highest true mass until they (with the current page) hold 90 / 95 / 98% of its attention, at most 4 x K (a diagnostic of adaptive budgets) | its own: fidelity records report `pages_per_head` |
 
 FlexiCache attends, besides its top-K pages, to the page holding the newest token (up to page_size - 1
 older tokens) and stable heads to the pages created since their last rerank (<= rerank_interval
@@ -263,14 +264,15 @@ class OraclePages(Method):
     name: str = "oracle_pages"
     sketch_bits: int = 0
     pool_heads: bool = False  # "oracle_pages_pooled": the layer's heads share one budget (peers.oracle_page_attention)
+    coverage: float = 0.0  # "oracle_pages_p90": a top-p budget per head and step, capped at 4x (its average is reported)
 
     def empty_cache(self, ctx, budget, prompt_len):
         return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prompt_len), ctx.page_size,
-                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads)
+                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage)
 
     def make_cache(self, ctx, budget, prefill):
         return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prefill.length), ctx.page_size, prefill.kv,
-                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads)
+                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage)
 
 
 def registry() -> dict[str, Method]:
@@ -291,6 +293,7 @@ def registry() -> dict[str, Method]:
             OraclePages(),
             OraclePages(name="sketch_mass_pages", sketch_bits=2),
             OraclePages(name="oracle_pages_pooled", pool_heads=True),
+            *(OraclePages(name=f"oracle_pages_p{round(100 * p)}", coverage=p) for p in (0.9, 0.95, 0.98)),
         )
     }
 

@@ -242,7 +242,7 @@ class capture_query_windows:
 # the page-selection oracle
 # ---------------------------------------------------------------------------------------------------
 def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, page_size: int, mask=None,
-                          sketch_bits: int = 0, pool_heads: bool = False):
+                          sketch_bits: int = 0, pool_heads: bool = False, coverage: float = 0.0, counts=None):
     """Decode attention over each KV head's `topk_pages` pages of highest *true* attention mass, plus the
     page holding the newest token (FlexiCache's budget rule). The mass of a page is the softmax weight of
     its keys over the whole context, summed over the query heads of the GQA group. No cheaper selector
@@ -255,6 +255,10 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
     With pool_heads the layer's KV heads share one budget: the `topk_pages * Hkv` pages of highest mass
     among all of them (each head's masses sum to G, so they compare), however they fall per head. It asks
     whether a per-head budget, not the total, is what caps the per-head oracle (a diagnostic, not a method).
+
+    With coverage p > 0 the budget adapts (a top-p budget): each head, at each step, takes its pages of highest
+    mass until they and the current page hold p of its attention, at most 4 x `topk_pages`. Its average page
+    count, not `topk_pages`, is then its budget: `counts` (a list [pages, head-steps]), if given, adds them up.
 
     query [B, Hq, 1, D], keys/values [B, Hkv, T, D]; mask: None, or HF's sdpa mask [B, 1, 1, T] (bool:
     True attends; float: additive). Returns [B, 1, Hq, D] like sdpa_attention_forward. fp32 inside.
@@ -284,7 +288,16 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
     chosen = torch.zeros(B, Hkv, P, dtype=torch.bool, device=keys.device)
     chosen[..., current] = True
     k = min(topk_pages, current)
-    if k and pool_heads:
+    if k and coverage:
+        order = mass[..., :current].sort(-1, descending=True)
+        total = mass.sum(-1, keepdim=True)  # G per head, less what the mask hides
+        held = mass[..., current:current + 1] + order.values.cumsum(-1) - order.values  # before taking each page
+        take = (held < coverage * total) & (torch.arange(current, device=keys.device) < 4 * k)
+        chosen[..., :current].scatter_(-1, order.indices, take)
+        if counts is not None:
+            counts[0] += int(take.sum())
+            counts[1] += take.shape[0] * take.shape[1]
+    elif k and pool_heads:
         flat = mass[..., :current].reshape(B, Hkv * current)
         picked = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k * Hkv, dim=-1).indices, True)
         chosen[..., :current] = picked.view(B, Hkv, current)
@@ -300,9 +313,11 @@ class OracleLayer(DynamicLayer):
     """Keeps every K/V (like DynamicCache); a one-token step attends through `oracle_page_attention`,
     a multi-token forward densely (sdpa), as FlexiCache does. Needs attn_implementation="flexicache"."""
 
-    def __init__(self, topk_pages: int, page_size: int, sketch_bits: int = 0, pool_heads: bool = False):
+    def __init__(self, topk_pages: int, page_size: int, sketch_bits: int = 0, pool_heads: bool = False,
+                 coverage: float = 0.0):
         super().__init__()
         self.topk_pages, self.page_size, self.sketch_bits, self.pool_heads = topk_pages, page_size, sketch_bits, pool_heads
+        self.coverage, self.counts = coverage, [0, 0]  # counts: pages chosen, head-steps (a top-p budget's average)
 
     def update(self, key_states, value_states, *args, **kwargs):
         self._kv = super().update(key_states, value_states, *args, **kwargs)
@@ -315,13 +330,14 @@ class OracleLayer(DynamicLayer):
         if query.shape[2] > 1:
             return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scale, **kwargs)
         return oracle_page_attention(query, keys, values, scale, self.topk_pages, self.page_size, attention_mask,
-                                     self.sketch_bits, self.pool_heads), None
+                                     self.sketch_bits, self.pool_heads, self.coverage, self.counts), None
 
 
 def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None, sketch_bits: int = 0,
-                 pool_heads: bool = False) -> Cache:
+                 pool_heads: bool = False, coverage: float = 0.0) -> Cache:
     """A cache of `OracleLayer`s, seeded with an uncompressed prompt if given."""
-    cache = Cache(layers=[OracleLayer(topk_pages, page_size, sketch_bits, pool_heads) for _ in range(_num_layers(config))])
+    cache = Cache(layers=[OracleLayer(topk_pages, page_size, sketch_bits, pool_heads, coverage)
+                          for _ in range(_num_layers(config))])
     if prefill_kv is not None:
         for layer, (k, v) in zip(cache.layers, prefill_kv):
             DynamicLayer.update(layer, k, v)  # concatenation onto an empty tensor: a copy

@@ -305,6 +305,13 @@ def fidelity_text(tokenizer, kind: str, n_tokens: int, seed: int = 0) -> torch.T
     return torch.tensor(ids[:n_tokens], dtype=torch.long)
 
 
+def adaptive_pages(cache) -> dict:
+    """{"pages_per_head": the mean pages a top-p budget read per head and step} for such a cache, else {}."""
+    counts = [getattr(layer, "counts", [0, 0]) for layer in getattr(cache, "layers", [])]
+    steps = sum(c[1] for c in counts)
+    return {"pages_per_head": round(sum(c[0] for c in counts) / steps, 2)} if steps else {}
+
+
 @torch.no_grad()
 def run_fidelity(model, tokenizer, methods, budgets, store: ResultStore, profile, *, prompt_tokens: int,
                  steps: int, kinds=("docs",), seed: int = 0, page_size: int = 16, curve_every: int = 128,
@@ -373,7 +380,7 @@ def run_fidelity(model, tokenizer, methods, budgets, store: ResultStore, profile
                 "prompt_sha": sha, "steps": steps, "top1_agreement": float(agree[j]) / steps,
                 "mean_kl": float(kl[j]) / steps, "ppl": ppl, "ppl_dense": ppl_dense, "ppl_ratio": ppl / ppl_dense,
                 "agreement_curve": curves[j], "curve_every": curve_every, "seconds_all_methods": round(elapsed, 1),
-                "kv_bytes_end": M.cache_kv_bytes(caches[j + 1]),
+                "kv_bytes_end": M.cache_kv_bytes(caches[j + 1]), **adaptive_pages(caches[j + 1]),
             }, fidelity=True)
         del caches, prefill
     return stats

@@ -143,6 +143,40 @@ def test_pooled_oracle_shares_the_budget_across_heads():
     torch.testing.assert_close(peers.oracle_page_attention(*one, pool_heads=True), peers.oracle_page_attention(*one))
 
 
+def test_top_p_oracle_takes_pages_until_their_mass_covers_p():
+    """coverage p: per head, the fewest pages of highest mass that, with the newest page, hold p of its
+    attention (brute force), at most 4 x k; `counts` adds up the pages taken and the head-steps."""
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, D, T, ps, k, p = 2, 2, 3, 8, 61, 4, 3, 0.7
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    keys, values = 2 * torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    counts = [0, 0]
+    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, coverage=p, counts=counts)
+    P = -(-T // ps)
+    logits = torch.einsum("bhgd,bhtd->bhgt", q.view(B, Hkv, G, D), keys) * 0.3
+    w = logits.softmax(-1).sum(2)  # [B, Hkv, T], G per head
+    taken = 0
+    for b in range(B):
+        for h in range(Hkv):
+            mass = [float(w[b, h, i * ps:(i + 1) * ps].sum()) for i in range(P)]
+            pages, held = [P - 1], mass[P - 1]
+            for i in sorted(range(P - 1), key=lambda i: -mass[i]):
+                if held >= p * G or len(pages) > 4 * k:
+                    break
+                pages.append(i)
+                held += mass[i]
+            taken += len(pages) - 1
+            keep = torch.zeros(T, dtype=torch.bool)
+            for i in pages:
+                keep[i * ps:(i + 1) * ps] = True
+            want = logits[b, h].masked_fill(~keep, float("-inf")).softmax(-1) @ values[b, h]
+            torch.testing.assert_close(got[b, 0, h * G:(h + 1) * G], want, atol=1e-5, rtol=1e-5)
+    assert counts == [taken, B * Hkv] and 0 < taken < B * Hkv * 4 * k  # the case adapts, below the cap
+    dense = (logits.softmax(-1) @ values).reshape(B, 1, Hkv * G, D)  # p = 1 and a cap above the context: dense
+    torch.testing.assert_close(peers.oracle_page_attention(q, keys, values, 0.3, P, ps, coverage=1.0), dense,
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_streaming_llm_keeps_sinks_and_recent_window(tiny):
     model, ids = tiny
     prefill = runner.run_prefill(model, ids)
@@ -258,7 +292,7 @@ def test_ablation_profiles(tiny):
     assert set(M.METHOD_NAMES) == {
         "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest", "flexicache_all_unstable",
         "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages", "sketch_mass_pages",
-        "oracle_pages_pooled", "duo_attention",
+        "oracle_pages_pooled", "duo_attention", "oracle_pages_p90", "oracle_pages_p95", "oracle_pages_p98",
     }
     spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
     assert [m.name for m in spread] == ["flexicache_spread0.5", "quest", "oracle_pages", "snapkv"]  # Quest: its bound
