@@ -17,7 +17,9 @@ budget in tokens per KV head visible to decode attention:
 | duo_attention | DuoAttention-style: the profile's unstable heads keep every token, the others sinks + recent tokens | the window that gives FlexiCache's GPU K/V bytes at this budget |
 | oracle_pages | every head, every step: the top-K pages by true attention mass (+ the current page), computed from all keys: the ceiling of any page selector, not a method | as flexicache |
 | oracle_pages_pooled | the same, but the layer's KV heads share their budget: the K x heads pages of highest mass in the layer, however many per head (a diagnostic of per-head budgets) | as flexicache, per head on average |
-| oracle_pages_p90 / _p95 / _p98 | a top-p budget: each head, each step, its pages of highest true mass until they (with the current page) hold 90 / 95 / 98% of its attention, at most 4 x K (a diagnostic of adaptive budgets) | its own: fidelity records report `pages_per_head` |
+| oracle_pages_p90 / _p95 / _p96 / _p97 / _p98 | a top-p budget: each head, each step, its pages of highest true mass until they (with the current page) hold 90 / 95 / ... / 98% of its attention, at most 4 x K (a diagnostic of adaptive budgets) | its own: fidelity records report `pages_per_head` |
+| sketch_mass_pages | every head, every step: the top-K pages by the mass the 2-bit key sketches predict (what the default scorer would pick with nothing stale) | as flexicache |
+| sketch_mass_pages_p95 / _p96 / _p97 | the top-p budget on the sketches' predicted mass instead of the true one: an adaptive budget a real selector could run | its own, as above |
 
 FlexiCache attends, besides its top-K pages, to the page holding the newest token (up to page_size - 1
 older tokens) and stable heads to the pages created since their last rerank (<= rerank_interval
@@ -293,7 +295,8 @@ def registry() -> dict[str, Method]:
             OraclePages(),
             OraclePages(name="sketch_mass_pages", sketch_bits=2),
             OraclePages(name="oracle_pages_pooled", pool_heads=True),
-            *(OraclePages(name=f"oracle_pages_p{round(100 * p)}", coverage=p) for p in (0.9, 0.95, 0.98)),
+            *(OraclePages(name=f"oracle_pages_p{round(100 * p)}", coverage=p) for p in (0.9, 0.95, 0.96, 0.97, 0.98)),
+            *(OraclePages(name=f"sketch_mass_pages_p{round(100 * p)}", sketch_bits=2, coverage=p) for p in (0.95, 0.96, 0.97)),
         )
     }
 

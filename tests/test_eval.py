@@ -292,7 +292,8 @@ def test_ablation_profiles(tiny):
     assert set(M.METHOD_NAMES) == {
         "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest", "flexicache_all_unstable",
         "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages", "sketch_mass_pages",
-        "oracle_pages_pooled", "duo_attention", "oracle_pages_p90", "oracle_pages_p95", "oracle_pages_p98",
+        "oracle_pages_pooled", "duo_attention", "oracle_pages_p90", "oracle_pages_p95", "oracle_pages_p96",
+        "oracle_pages_p97", "oracle_pages_p98", "sketch_mass_pages_p95", "sketch_mass_pages_p96", "sketch_mass_pages_p97",
     }
     spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
     assert [m.name for m in spread] == ["flexicache_spread0.5", "quest", "oracle_pages", "snapkv"]  # Quest: its bound
