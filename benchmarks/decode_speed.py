@@ -1,9 +1,11 @@
 """Decode speed on the path users take: model.generate(), against transformers' fastest dense path, in one run.
 
     python benchmarks/decode_speed.py --shape 32768x1 [--steps 300] [--layers 32] [--methods ...]
+    python benchmarks/decode_speed.py --model smollm2 --shape 7936x1 --steps 255   # a real model, real text
 
-A Llama-3.1-8B-shaped bf16 model with random weights (step time and bytes do not depend on weight values),
-one shape per run. Every method runs a warm-up request (compilation, CUDA graph capture) and then the
+A Llama-3.1-8B-shaped bf16 model with random weights (step time and bytes do not depend on weight values;
+which pages a rerank promotes does: random weights promote nearly every stable page, the worst case), or with
+--model a real one (flexicache_hf.models.load_model) on CPython's language reference, one shape per run. Every method runs a warm-up request (compilation, CUDA graph capture) and then the
 measured request of --steps new tokens; per-step times are the gaps between consecutive tokens (a logits
 processor notes each, after a device sync: generate() waits for every token anyway).
 
@@ -59,6 +61,16 @@ def hbm_bandwidth() -> float:
         y.copy_(x)
     torch.cuda.synchronize()
     return 10 * 2 * x.nbytes / (time.perf_counter() - t)
+
+
+def real_prompt(tokenizer, ctx: int, batch: int) -> torch.Tensor:
+    """The first ctx tokens of CPython's language reference (the eval's docs haystack), for each row."""
+    from pydoc_data.topics import topics
+
+    ids = tokenizer("\n\n".join(topics.values()), return_tensors="pt").input_ids[:, :ctx]
+    if ids.shape[1] < ctx:
+        raise SystemExit(f"the language reference has {ids.shape[1]} tokens for this tokenizer; ask for fewer")
+    return ids.repeat(batch, 1).cuda()
 
 
 def generate(model, ids, new, clock, **kw):
@@ -150,14 +162,25 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--model", help="a real model (load_model's names: smollm2, qwen-coder-0.5b, ...) instead of the "
+                                    "random-weight Llama-3.1-8B shape; --layers is then ignored")
     args = ap.parse_args(argv)
     ctx, batch = map(int, args.shape.split("x"))
-    from gpu_e2e import llama8b
-
     torch._dynamo.config.cache_size_limit = 64  # one model, several attention implementations and shapes
     bw = hbm_bandwidth()
-    model = llama8b(args.layers)
-    ids = torch.randint(0, 32000, (batch, ctx), device="cuda")
+    if args.model:
+        from flexicache_hf.models import load_model
+
+        model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+        model = model.cuda().eval()
+        ids = real_prompt(tokenizer, ctx, batch)
+        what = f"{args.model} bf16 (real weights, language-reference prompt)"
+    else:
+        from gpu_e2e import llama8b
+
+        model = llama8b(args.layers)
+        ids = torch.randint(0, 32000, (batch, ctx), device="cuda")
+        what = f"Llama-3.1-8B shape bf16, {args.layers} layers"
     rows = []
     for method in args.methods:
         row = run(model, method, ids, args.steps)
@@ -166,8 +189,8 @@ def main(argv=None):
         print(row, flush=True)
     name = torch.cuda.get_device_name()
     best = min((r["median_ms"] for r in rows if r["method"] in ("dense-sdpa", "dense-flex")), default=None)
-    print(f"\n{name}, torch {torch.__version__}, HBM copy bandwidth {bw / 1e12:.2f} TB/s, Llama-3.1-8B shape bf16, "
-          f"{args.layers} layers, context {ctx} x batch {batch}, {args.steps} measured steps after a warm-up request\n")
+    print(f"\n{name}, torch {torch.__version__}, HBM copy bandwidth {bw / 1e12:.2f} TB/s, {what}, "
+          f"context {ctx} x batch {batch}, {args.steps} measured steps after a warm-up request\n")
     print("| method | median ms | p99 ms | max ms | floor ms | median / floor | vs fastest compiled dense | "
           "TTFT s (warm) | TTFT s (first request) |")
     print("|---|---|---|---|---|---|---|---|---|")
