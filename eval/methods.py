@@ -20,6 +20,7 @@ budget in tokens per KV head visible to decode attention:
 | oracle_pages_p90 / _p95 / _p96 / _p97 / _p98 | a top-p budget: each head, each step, its pages of highest true mass until they (with the current page) hold 90 / 95 / ... / 98% of its attention, at most 4 x K (a diagnostic of adaptive budgets) | its own: fidelity records report `pages_per_head` |
 | sketch_mass_pages | every head, every step: the top-K pages by the mass the 2-bit key sketches predict (what the default scorer would pick with nothing stale) | as flexicache |
 | sketch_mass_pages_p95 / _p96 / _p97 | the top-p budget on the sketches' predicted mass instead of the true one: an adaptive budget a real selector could run | its own, as above |
+| sketch_mass_pages_p90_f50 / _p95_f50 | the same, but every head takes at least K / 2 pages (a floor under the estimate's coverage) | its own, as above |
 
 FlexiCache attends, besides its top-K pages, to the page holding the newest token (up to page_size - 1
 older tokens) and stable heads to the pages created since their last rerank (<= rerank_interval
@@ -267,14 +268,15 @@ class OraclePages(Method):
     sketch_bits: int = 0
     pool_heads: bool = False  # "oracle_pages_pooled": the layer's heads share one budget (peers.oracle_page_attention)
     coverage: float = 0.0  # "oracle_pages_p90": a top-p budget per head and step, capped at 4x (its average is reported)
+    floor: float = 0.0  # with coverage: at least floor x K pages per head and step ("sketch_mass_pages_p97_f50")
 
     def empty_cache(self, ctx, budget, prompt_len):
         return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prompt_len), ctx.page_size,
-                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage)
+                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage, floor=self.floor)
 
     def make_cache(self, ctx, budget, prefill):
         return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prefill.length), ctx.page_size, prefill.kv,
-                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage)
+                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage, floor=self.floor)
 
 
 def registry() -> dict[str, Method]:
@@ -297,6 +299,8 @@ def registry() -> dict[str, Method]:
             OraclePages(name="oracle_pages_pooled", pool_heads=True),
             *(OraclePages(name=f"oracle_pages_p{round(100 * p)}", coverage=p) for p in (0.9, 0.95, 0.96, 0.97, 0.98)),
             *(OraclePages(name=f"sketch_mass_pages_p{round(100 * p)}", sketch_bits=2, coverage=p) for p in (0.95, 0.96, 0.97)),
+            *(OraclePages(name=f"sketch_mass_pages_p{round(100 * p)}_f50", sketch_bits=2, coverage=p, floor=0.5)
+              for p in (0.9, 0.95)),
         )
     }
 

@@ -242,7 +242,8 @@ class capture_query_windows:
 # the page-selection oracle
 # ---------------------------------------------------------------------------------------------------
 def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, page_size: int, mask=None,
-                          sketch_bits: int = 0, pool_heads: bool = False, coverage: float = 0.0, counts=None):
+                          sketch_bits: int = 0, pool_heads: bool = False, coverage: float = 0.0, counts=None,
+                          floor: float = 0.0):
     """Decode attention over each KV head's `topk_pages` pages of highest *true* attention mass, plus the
     page holding the newest token (FlexiCache's budget rule). The mass of a page is the softmax weight of
     its keys over the whole context, summed over the query heads of the GQA group. No cheaper selector
@@ -257,7 +258,8 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
     whether a per-head budget, not the total, is what caps the per-head oracle (a diagnostic, not a method).
 
     With coverage p > 0 the budget adapts (a top-p budget): each head, at each step, takes its pages of highest
-    mass until they and the current page hold p of its attention, at most 4 x `topk_pages`. Its average page
+    mass until they and the current page hold p of its attention, at most 4 x `topk_pages`, and with `floor` f at
+    least its f x `topk_pages` best pages whatever they hold. Its average page
     count, not `topk_pages`, is then its budget: `counts` (a list [pages, head-steps]), if given, adds them up.
 
     query [B, Hq, 1, D], keys/values [B, Hkv, T, D]; mask: None, or HF's sdpa mask [B, 1, 1, T] (bool:
@@ -292,7 +294,8 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
         order = mass[..., :current].sort(-1, descending=True)
         total = mass.sum(-1, keepdim=True)  # G per head, less what the mask hides
         held = mass[..., current:current + 1] + order.values.cumsum(-1) - order.values  # before taking each page
-        take = (held < coverage * total) & (torch.arange(current, device=keys.device) < 4 * k)
+        rank = torch.arange(current, device=keys.device)
+        take = ((held < coverage * total) | (rank < floor * k)) & (rank < 4 * k)
         chosen[..., :current].scatter_(-1, order.indices, take)
         if counts is not None:
             counts[0] += int(take.sum())
@@ -314,10 +317,10 @@ class OracleLayer(DynamicLayer):
     a multi-token forward densely (sdpa), as FlexiCache does. Needs attn_implementation="flexicache"."""
 
     def __init__(self, topk_pages: int, page_size: int, sketch_bits: int = 0, pool_heads: bool = False,
-                 coverage: float = 0.0):
+                 coverage: float = 0.0, floor: float = 0.0):
         super().__init__()
         self.topk_pages, self.page_size, self.sketch_bits, self.pool_heads = topk_pages, page_size, sketch_bits, pool_heads
-        self.coverage, self.counts = coverage, [0, 0]  # counts: pages chosen, head-steps (a top-p budget's average)
+        self.coverage, self.floor, self.counts = coverage, floor, [0, 0]  # counts: pages chosen, head-steps (a top-p budget's average)
 
     def update(self, key_states, value_states, *args, **kwargs):
         self._kv = super().update(key_states, value_states, *args, **kwargs)
@@ -330,13 +333,14 @@ class OracleLayer(DynamicLayer):
         if query.shape[2] > 1:
             return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scale, **kwargs)
         return oracle_page_attention(query, keys, values, scale, self.topk_pages, self.page_size, attention_mask,
-                                     self.sketch_bits, self.pool_heads, self.coverage, self.counts), None
+                                     self.sketch_bits, self.pool_heads, self.coverage, self.counts,
+                                     self.floor), None
 
 
 def oracle_cache(config, topk_pages: int, page_size: int, prefill_kv=None, sketch_bits: int = 0,
-                 pool_heads: bool = False, coverage: float = 0.0) -> Cache:
+                 pool_heads: bool = False, coverage: float = 0.0, floor: float = 0.0) -> Cache:
     """A cache of `OracleLayer`s, seeded with an uncompressed prompt if given."""
-    cache = Cache(layers=[OracleLayer(topk_pages, page_size, sketch_bits, pool_heads, coverage)
+    cache = Cache(layers=[OracleLayer(topk_pages, page_size, sketch_bits, pool_heads, coverage, floor)
                           for _ in range(_num_layers(config))])
     if prefill_kv is not None:
         for layer, (k, v) in zip(cache.layers, prefill_kv):

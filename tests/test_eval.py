@@ -143,15 +143,17 @@ def test_pooled_oracle_shares_the_budget_across_heads():
     torch.testing.assert_close(peers.oracle_page_attention(*one, pool_heads=True), peers.oracle_page_attention(*one))
 
 
-def test_top_p_oracle_takes_pages_until_their_mass_covers_p():
+@pytest.mark.parametrize("floor", [0.0, 2.5])  # 2.5 x k: above what p alone takes for some heads
+def test_top_p_oracle_takes_pages_until_their_mass_covers_p(floor):
     """coverage p: per head, the fewest pages of highest mass that, with the newest page, hold p of its
-    attention (brute force), at most 4 x k; `counts` adds up the pages taken and the head-steps."""
+    attention (brute force), at most 4 x k and at least floor x k; `counts` adds up the pages taken and the
+    head-steps."""
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, D, T, ps, k, p = 2, 2, 3, 8, 61, 4, 3, 0.7
     q = torch.randn(B, Hkv * G, 1, D, generator=g)
     keys, values = 2 * torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     counts = [0, 0]
-    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, coverage=p, counts=counts)
+    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, coverage=p, counts=counts, floor=floor)
     P = -(-T // ps)
     logits = torch.einsum("bhgd,bhtd->bhgt", q.view(B, Hkv, G, D), keys) * 0.3
     w = logits.softmax(-1).sum(2)  # [B, Hkv, T], G per head
@@ -160,8 +162,8 @@ def test_top_p_oracle_takes_pages_until_their_mass_covers_p():
         for h in range(Hkv):
             mass = [float(w[b, h, i * ps:(i + 1) * ps].sum()) for i in range(P)]
             pages, held = [P - 1], mass[P - 1]
-            for i in sorted(range(P - 1), key=lambda i: -mass[i]):
-                if held >= p * G or len(pages) > 4 * k:
+            for r, i in enumerate(sorted(range(P - 1), key=lambda i: -mass[i])):
+                if r >= 4 * k or (held >= p * G and r >= floor * k):
                     break
                 pages.append(i)
                 held += mass[i]
@@ -294,6 +296,7 @@ def test_ablation_profiles(tiny):
         "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages", "sketch_mass_pages",
         "oracle_pages_pooled", "duo_attention", "oracle_pages_p90", "oracle_pages_p95", "oracle_pages_p96",
         "oracle_pages_p97", "oracle_pages_p98", "sketch_mass_pages_p95", "sketch_mass_pages_p96", "sketch_mass_pages_p97",
+        "sketch_mass_pages_p90_f50", "sketch_mass_pages_p95_f50",
     }
     spread = M.get_methods(["flexicache", "quest", "oracle_pages", "snapkv"], score_spread=0.5)
     assert [m.name for m in spread] == ["flexicache_spread0.5", "quest", "oracle_pages", "snapkv"]  # Quest: its bound
