@@ -5,9 +5,10 @@
 
 A Llama-3.1-8B-shaped bf16 model with random weights (step time and bytes do not depend on weight values;
 which pages a rerank promotes does: random weights promote nearly every stable page, the worst case), or with
---model a real one (flexicache_hf.models.load_model) on CPython's language reference, one shape per run. Every method runs a warm-up request (compilation, CUDA graph capture) and then the
-measured request of --steps new tokens; per-step times are the gaps between consecutive tokens (a logits
-processor notes each, after a device sync: generate() waits for every token anyway).
+--model a real one (flexicache_hf.models.load_model) on CPython's language reference, one shape per run.
+Every method runs a warm-up request (compilation, CUDA graph capture) and then the measured request of
+--steps new tokens; per-step times are the gaps between consecutive tokens (a logits processor notes each,
+after a device sync: generate() waits for every token anyway).
 
     dense-eager        DynamicCache, sdpa, no compilation (fewer steps: it is slow)
     dense-sdpa         StaticCache + generate()'s own torch.compile, attn_implementation="sdpa"

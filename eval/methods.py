@@ -268,15 +268,17 @@ class OraclePages(Method):
     sketch_bits: int = 0
     pool_heads: bool = False  # "oracle_pages_pooled": the layer's heads share one budget (peers.oracle_page_attention)
     coverage: float = 0.0  # "oracle_pages_p90": a top-p budget per head and step, capped at 4x (its average is reported)
-    floor: float = 0.0  # with coverage: at least floor x K pages per head and step ("sketch_mass_pages_p97_f50")
+    floor: float = 0.0  # with coverage: at least floor x K pages per head and step ("sketch_mass_pages_p95_f50")
 
     def empty_cache(self, ctx, budget, prompt_len):
-        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prompt_len), ctx.page_size,
-                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage, floor=self.floor)
+        return self._cache(ctx, ctx.topk_pages(budget, prompt_len))
 
     def make_cache(self, ctx, budget, prefill):
-        return peers.oracle_cache(ctx.config, ctx.topk_pages(budget, prefill.length), ctx.page_size, prefill.kv,
-                                  sketch_bits=self.sketch_bits, pool_heads=self.pool_heads, coverage=self.coverage, floor=self.floor)
+        return self._cache(ctx, ctx.topk_pages(budget, prefill.length), prefill.kv)
+
+    def _cache(self, ctx, topk_pages, prefill_kv=None):
+        return peers.oracle_cache(ctx.config, topk_pages, ctx.page_size, prefill_kv, sketch_bits=self.sketch_bits,
+                                  pool_heads=self.pool_heads, coverage=self.coverage, floor=self.floor)
 
 
 def registry() -> dict[str, Method]:
@@ -298,7 +300,8 @@ def registry() -> dict[str, Method]:
             OraclePages(name="sketch_mass_pages", sketch_bits=2),
             OraclePages(name="oracle_pages_pooled", pool_heads=True),
             *(OraclePages(name=f"oracle_pages_p{round(100 * p)}", coverage=p) for p in (0.9, 0.95, 0.96, 0.97, 0.98)),
-            *(OraclePages(name=f"sketch_mass_pages_p{round(100 * p)}", sketch_bits=2, coverage=p) for p in (0.95, 0.96, 0.97)),
+            *(OraclePages(name=f"sketch_mass_pages_p{round(100 * p)}", sketch_bits=2, coverage=p)
+              for p in (0.95, 0.96, 0.97)),
             *(OraclePages(name=f"sketch_mass_pages_p{round(100 * p)}_f50", sketch_bits=2, coverage=p, floor=0.5)
               for p in (0.9, 0.95)),
         )

@@ -259,8 +259,8 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
 
     With coverage p > 0 the budget adapts (a top-p budget): each head, at each step, takes its pages of highest
     mass until they and the current page hold p of its attention, at most 4 x `topk_pages`, and with `floor` f at
-    least its f x `topk_pages` best pages whatever they hold. Its average page
-    count, not `topk_pages`, is then its budget: `counts` (a list [pages, head-steps]), if given, adds them up.
+    least its f x `topk_pages` best pages whatever they hold. Its average page count, not `topk_pages`, is then
+    its budget: `counts` (a list [pages, head-steps]), if given, adds them up.
 
     query [B, Hq, 1, D], keys/values [B, Hkv, T, D]; mask: None, or HF's sdpa mask [B, 1, 1, T] (bool:
     True attends; float: additive). Returns [B, 1, Hq, D] like sdpa_attention_forward. fp32 inside.
