@@ -21,6 +21,7 @@ budget in tokens per KV head visible to decode attention:
 | sketch_mass_pages | every head, every step: the top-K pages by the mass the 2-bit key sketches predict (what the default scorer would pick with nothing stale) | as flexicache |
 | sketch_mass_pages_p95 / _p96 / _p97 | the top-p budget on the sketches' predicted mass instead of the true one: an adaptive budget a real selector could run | its own, as above |
 | sketch_mass_pages_p90_f50 / _p95_f50 | the same, but every head takes at least K / 2 pages (a floor under the estimate's coverage) | its own, as above |
+| oracle_pages_pooled_f50 / sketch_mass_pages_pooled_f50 | every head its K / 2 best pages (true / sketch-predicted mass), the layer's other K / 2 x heads pages pooled by mass: an adaptive budget at exactly K per head on average | as flexicache |
 
 FlexiCache attends, besides its top-K pages, to the page holding the newest token (up to page_size - 1
 older tokens) and stable heads to the pages created since their last rerank (<= rerank_interval
@@ -268,7 +269,7 @@ class OraclePages(Method):
     sketch_bits: int = 0
     pool_heads: bool = False  # "oracle_pages_pooled": the layer's heads share one budget (peers.oracle_page_attention)
     coverage: float = 0.0  # "oracle_pages_p90": a top-p budget per head and step, capped at 4x (its average is reported)
-    floor: float = 0.0  # with coverage: at least floor x K pages per head and step ("sketch_mass_pages_p95_f50")
+    floor: float = 0.0  # with coverage or pool_heads: at least floor x K pages per head and step ("..._f50")
 
     def empty_cache(self, ctx, budget, prompt_len):
         return self._cache(ctx, ctx.topk_pages(budget, prompt_len))
@@ -299,6 +300,8 @@ def registry() -> dict[str, Method]:
             OraclePages(),
             OraclePages(name="sketch_mass_pages", sketch_bits=2),
             OraclePages(name="oracle_pages_pooled", pool_heads=True),
+            OraclePages(name="oracle_pages_pooled_f50", pool_heads=True, floor=0.5),
+            OraclePages(name="sketch_mass_pages_pooled_f50", sketch_bits=2, pool_heads=True, floor=0.5),
             *(OraclePages(name=f"oracle_pages_p{round(100 * p)}", coverage=p) for p in (0.9, 0.95, 0.96, 0.97, 0.98)),
             *(OraclePages(name=f"sketch_mass_pages_p{round(100 * p)}", sketch_bits=2, coverage=p)
               for p in (0.95, 0.96, 0.97)),

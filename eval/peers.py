@@ -256,6 +256,8 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
     With pool_heads the layer's KV heads share one budget: the `topk_pages * Hkv` pages of highest mass
     among all of them (each head's masses sum to G, so they compare), however they fall per head. It asks
     whether a per-head budget, not the total, is what caps the per-head oracle (a diagnostic, not a method).
+    With `floor` f as well, each head first takes its f x `topk_pages` best pages and the rest of the layer's
+    budget is pooled: the average stays exactly `topk_pages`, and no head gets fewer than f x `topk_pages`.
 
     With coverage p > 0 the budget adapts (a top-p budget): each head, at each step, takes its pages of highest
     mass until they and the current page hold p of its attention, at most 4 x `topk_pages`, and with `floor` f at
@@ -301,9 +303,14 @@ def oracle_page_attention(query, keys, values, scale: float, topk_pages: int, pa
             counts[0] += int(take.sum())
             counts[1] += take.shape[0] * take.shape[1]
     elif k and pool_heads:
-        flat = mass[..., :current].reshape(B, Hkv * current)
-        picked = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k * Hkv, dim=-1).indices, True)
-        chosen[..., :current] = picked.view(B, Hkv, current)
+        # each head its floor x k best pages first; the layer's remaining k x Hkv pages go to the heaviest
+        # pages left among all heads (a budget whose total per layer is fixed, so its shapes can be)
+        base = min(int(floor * k), k)
+        if base:
+            chosen[..., :current].scatter_(-1, mass[..., :current].topk(base, dim=-1).indices, True)
+        flat = mass[..., :current].masked_fill(chosen[..., :current], float("-inf")).reshape(B, Hkv * current)
+        picked = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk((k - base) * Hkv, dim=-1).indices, True)
+        chosen[..., :current] |= picked.view(B, Hkv, current)
     elif k:
         chosen.scatter_(-1, mass[..., :current].topk(k, dim=-1).indices, True)
     visible = chosen.repeat_interleave(page_size, dim=-1)[..., :T]  # [B, Hkv, T]

@@ -117,22 +117,27 @@ def test_oracle_pages_picks_the_heaviest_pages(T, ps, k, G, bits):
             torch.testing.assert_close(got[b, 0, h * G:(h + 1) * G], want, atol=1e-5, rtol=1e-5)
 
 
-def test_pooled_oracle_shares_the_budget_across_heads():
+@pytest.mark.parametrize("floor", [0.0, 0.5])
+def test_pooled_oracle_shares_the_budget_across_heads(floor):
     """pool_heads: the k * Hkv pages of highest mass in the layer (brute force over every (head, page)),
-    however many fall on one head; the newest page always; with one KV head it equals the per-head oracle."""
+    however many fall on one head, after each head's floor * k best; the newest page always; with one KV head
+    it equals the per-head oracle."""
     g = torch.Generator().manual_seed(7)
     B, Hkv, G, D, T, ps, k = 2, 3, 2, 8, 45, 4, 2
     q = torch.randn(B, Hkv * G, 1, D, generator=g)
     keys, values = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     keys[:, 0] *= 4  # head 0's attention is peaked: its heaviest pages outweigh the other heads' pages
-    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, pool_heads=True)
+    got = peers.oracle_page_attention(q, keys, values, 0.3, k, ps, pool_heads=True, floor=floor)
     P = -(-T // ps)
     logits = torch.einsum("bhgd,bhtd->bhgt", q.view(B, Hkv, G, D), keys) * 0.3
     w = logits.softmax(-1).sum(2)  # [B, Hkv, T]
+    base = int(floor * k)
     for b in range(B):
         mass = {(h, p): float(w[b, h, p * ps:(p + 1) * ps].sum()) for h in range(Hkv) for p in range(P - 1)}
-        top = sorted(mass, key=lambda hp: -mass[hp])[:k * Hkv]
-        assert [sum(x == h for x, _ in top) for h in range(Hkv)] != [k] * Hkv  # the case tests pooling
+        top = [hp for h in range(Hkv) for hp in sorted([hp for hp in mass if hp[0] == h], key=lambda hp: -mass[hp])[:base]]
+        top += sorted([hp for hp in mass if hp not in top], key=lambda hp: -mass[hp])[:(k - base) * Hkv]
+        per_head = [sum(x == h for x, _ in top) for h in range(Hkv)]
+        assert per_head != [k] * Hkv and min(per_head) >= base  # the case tests pooling (and the floor)
         for h in range(Hkv):
             keep = torch.zeros(T, dtype=torch.bool)
             for p in [p for x, p in top if x == h] + [P - 1]:
@@ -140,7 +145,8 @@ def test_pooled_oracle_shares_the_budget_across_heads():
             want = logits[b, h].masked_fill(~keep, float("-inf")).softmax(-1) @ values[b, h]
             torch.testing.assert_close(got[b, 0, h * G:(h + 1) * G], want, atol=1e-5, rtol=1e-5)
     one = (q[:, :G], keys[:, :1], values[:, :1], 0.3, k, ps)
-    torch.testing.assert_close(peers.oracle_page_attention(*one, pool_heads=True), peers.oracle_page_attention(*one))
+    torch.testing.assert_close(peers.oracle_page_attention(*one, pool_heads=True, floor=floor),
+                               peers.oracle_page_attention(*one))
 
 
 @pytest.mark.parametrize("floor", [0.0, 2.5])  # 2.5 x k: above what p alone takes for some heads
@@ -294,7 +300,7 @@ def test_ablation_profiles(tiny):
     assert set(M.METHOD_NAMES) == {
         "dense", "flexicache", "flexicache_no_rerank", "flexicache_all_stable", "quest", "flexicache_all_unstable",
         "flexicache_random_unstable", "streamingllm", "snapkv", "oracle_pages", "sketch_mass_pages",
-        "oracle_pages_pooled", "duo_attention", "oracle_pages_p90", "oracle_pages_p95", "oracle_pages_p96",
+        "oracle_pages_pooled", "oracle_pages_pooled_f50", "sketch_mass_pages_pooled_f50", "duo_attention", "oracle_pages_p90", "oracle_pages_p95", "oracle_pages_p96",
         "oracle_pages_p97", "oracle_pages_p98", "sketch_mass_pages_p95", "sketch_mass_pages_p96", "sketch_mass_pages_p97",
         "sketch_mass_pages_p90_f50", "sketch_mass_pages_p95_f50",
     }
