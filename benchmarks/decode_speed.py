@@ -129,7 +129,8 @@ def run(model, method, ids, steps):
 def by_kind(steps_ms, cache, prompt_len) -> dict:
     """Count, median and max step time per step kind: plain (the compiled lean graph), page (a new page or a
     page fill), rerank (the periodic one) and warm-up (the stable heads re-select at once, the first
-    warmup_steps steps); the last three run the second graph. Step j decodes the token at prompt_len + j."""
+    warmup_steps steps); page steps run the page graph, reranks and the warm-up the rerank graph. Step j
+    decodes the token at prompt_len + j."""
     from flexicache_hf.decode import DecodeFlags
 
     cfg = cache.config

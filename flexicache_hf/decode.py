@@ -23,8 +23,8 @@ class DecodeFlags(NamedTuple):
     """What a decode step does besides select + attend; derived from the length (memory.length) and the
     length at the last full selection, before the step."""
 
-    new_page: bool  # the token starts a page: stable heads give it a slot
-    fill: bool  # the token fills its page: metadata, and the stable heads' page goes to the host pool
+    new_page: bool | None  # the token starts a page: stable heads give it a slot (None: the device decides)
+    fill: bool | None  # the token fills its page: metadata, and the stable heads' page goes to the host pool
     rerank: bool  # stable heads re-select and promote
     first: bool  # promote at once, before attention: the first step after a multi-token forward (nothing is
     #              resident) and every step of the warm-up after it
@@ -43,6 +43,8 @@ class DecodeFlags(NamedTuple):
 
 
 DecodeFlags.PLAIN = DecodeFlags(False, False, False, False)  # most steps: write the token, select, attend
+# a compiled step that may start or fill a page (decided on the device: None) but is no rerank
+DecodeFlags.PAGE = DecodeFlags(None, None, False, False)
 
 
 # ---- the step ----------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: 
     """Attention of one new token: q [B, H, G, D] (H KV heads, G query heads each) -> [B, H, G, D].
 
     flags: the step kind; None for a compiled step that decides it on the device, with no Python branch on it
-    (compiled plain steps get DecodeFlags.PLAIN, their own lean graph): the stable heads' selection is launched
+    (compiled steps that are no rerank get DecodeFlags.PLAIN or .PAGE, graphs of their own): the stable heads' selection is launched
     at every step but selects (and their promotions apply) only where the device flags (memory.rerank_flags)
     say, which leaves the same state as the eager step (the promotion of a periodic rerank runs after
     attention on the compute stream instead of the copy stream).

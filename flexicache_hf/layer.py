@@ -10,12 +10,14 @@ Layer state is the memory's: its length and the length at the last multi-token f
 afresh after one); the step kind (DecodeFlags) is derived from the two.
 
 Under torch.compile (generate() compiles the decode step on CUDA: `is_compileable`) a decode step reads no
-Python state that changes from step to step except one bool, `plain_next`, so two compiled graphs serve every
-step: plain steps (no new page, no fill, no rerank: most steps) run DecodeFlags.PLAIN, a lean graph without
-the stable heads' selection, promotion and page summary; every other step runs `append_token(k, v, None,
-None)` and decode_step with flags=None, which decide the step kind on the device. Before each step,
-transformers asks the cache for the mask sizes (eagerly, in prepare_inputs_for_generation): that is where
-room for the step's token is made, since a compiled step cannot grow a buffer, and `plain_next` is set.
+Python state that changes from step to step except its kind, `next_flags`, so three compiled graphs serve
+every step: plain steps (no new page, no fill, no rerank: most steps) run DecodeFlags.PLAIN, a lean graph
+without the stable heads' selection, promotion and page summary; page steps (a new page or a fill, no rerank)
+run DecodeFlags.PAGE, which starts the page or summarises it as the device decides; reranks (and the
+warm-up) run `append_token(k, v, None, None)` and decode_step with flags=None, which decide everything on the
+device. Before each step, transformers asks the cache for the mask sizes (eagerly, in
+prepare_inputs_for_generation): that is where room for the step's token is made, since a compiled step cannot
+grow a buffer, and `next_flags` is set.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         self.pending = None
         self.calibration = None  # profile="auto": the cache's OnlineCalibration while it records
         self.recorder = None  # a SelectionRecorder (cache.record_selections): sees every selection, eager steps only
-        self.plain_next = False  # the next decode step is a plain one (set eagerly before a compiled step)
+        # the next compiled step's kind, set eagerly before it: DecodeFlags.PLAIN or .PAGE, or None (decided on the
+        # device: reranks, the warm-up, and any step get_mask_sizes did not ready)
+        self.next_flags = None
 
     def set_split(self, unstable_heads: list[int]) -> None:
         """Which heads are unstable (GPU pages) and stable (slots + host pool), from the next initialisation
@@ -184,11 +188,11 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
         if key_states.shape[2] != 1 or not self.is_initialized:
             raise RuntimeError("FlexiCache compiles decode steps only: run the prefill (the first forward of a "
                                "request, and any multi-token forward) without torch.compile, as generate() does")
-        # the step kind is a Python bool that torch.compile guards on: two graphs, a lean one for plain steps
-        # (most steps) and one that decides new page, fill and rerank on the device
-        plain, self.plain_next = self.plain_next, False  # a step not readied by get_mask_sizes runs the full graph
-        self.memory.append_token(key_states, value_states, *((False, False) if plain else (None, None)))
-        self.pending = (None, 1, None, None, None, DecodeFlags.PLAIN if plain else None)
+        # the step kind is Python state that torch.compile guards on: three graphs (plain, page, rerank); each
+        # step consumes it, so a step not readied by get_mask_sizes runs the graph that decides all on the device
+        flags, self.next_flags = self.next_flags, None
+        self.memory.append_token(key_states, value_states, *(flags[:2] if flags is not None else (None, None)))
+        self.pending = (None, 1, None, None, None, flags)
         handle = FlexiKV(self)
         return handle, handle
 
@@ -264,7 +268,8 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
     def ready_for_compiled_step(self) -> None:
         if self.is_initialized and self.length > 0:
             self.memory.ready_for_static_step()
-            self.plain_next = self.decode_flags() == DecodeFlags.PLAIN
+            flags = self.decode_flags()
+            self.next_flags = None if flags.rerank else DecodeFlags.PAGE if flags.new_page or flags.fill else DecodeFlags.PLAIN
 
     def get_seq_length(self) -> int:
         if torch.compiler.is_compiling():  # the length as a tensor, as transformers' static layers give it

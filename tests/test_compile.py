@@ -1,4 +1,4 @@
-"""generate() compiles FlexiCache's decode step (is_compileable): two graphs serve every step kind, the
+"""generate() compiles FlexiCache's decode step (is_compileable): three graphs serve every step kind, the
 tokens are those of the eager step, full budget equals dense, a reused cache keeps its graphs.
 
 On the CPU, transformers' own compile path runs with the "eager" backend and fullgraph=True (any graph
@@ -52,7 +52,7 @@ def pair():
 
 def _compiled_equals_eager(fc, knobs):
     """Generate eagerly and compiled (fresh caches, `knobs`): the same tokens, the same length, bit-identical
-    K/V (nothing lost), and two graphs (plain steps, every other kind) more only when a buffer grew. Returns
+    K/V (nothing lost), and three graphs (plain, page and rerank steps) more only when a buffer grew. Returns
     the tokens."""
     torch._dynamo.reset()
     ids, mask = _inputs("cpu")
@@ -61,7 +61,7 @@ def _compiled_equals_eager(fc, knobs):
     before = _graphs()
     compiled = _generate(fc, compiled_cache, ids, mask, True)
     assert torch.equal(eager, compiled)
-    assert _graphs() - before <= 4
+    assert _graphs() - before <= 6
     assert compiled_cache.get_seq_length() == eager_cache.get_seq_length()
     for i in range(len(fc.model.layers)):
         for a, b in zip(eager_cache.full_kv(i), compiled_cache.full_kv(i)):
@@ -69,26 +69,26 @@ def _compiled_equals_eager(fc, knobs):
     return eager
 
 
-def test_compiled_decode_equals_the_eager_step_with_two_graphs_for_every_step_kind(pair):
-    """40 steps over fills, new pages, reranks and buffer growth: the same tokens, the same K/V, and two graphs
-    (plain steps; the rest) more only when a buffer grew (shapes change; transformers' dynamic shapes absorb
+def test_compiled_decode_equals_the_eager_step_with_three_graphs_for_every_step_kind(pair):
+    """40 steps over fills, new pages, reranks and buffer growth: the same tokens, the same K/V, and three graphs
+    (plain, page, rerank steps) more only when a buffer grew (shapes change; transformers' dynamic shapes absorb
     later growth)."""
     _compiled_equals_eager(pair[1], KNOBS)
 
 
-def test_plain_steps_run_their_own_graph(pair):
-    """Without buffer growth exactly two graphs: the lean one for plain steps and the one that decides the kind on
-    the device (a layer that never set `plain_next` would compile one graph and be slower, not wrong; a stale
-    True would be wrong, so each step clears it)."""
+def test_each_step_kind_runs_its_own_graph(pair):
+    """Without buffer growth exactly three graphs: the lean one for plain steps, one for new-page and fill steps,
+    and the one that decides everything on the device (reranks). A layer that never set `next_flags` would
+    compile one graph and be slower, not wrong; a stale kind would be wrong, so each step clears it."""
     torch._dynamo.reset()
     _, fc = pair
     ids, mask = _inputs("cpu")
     before = _graphs()
     cache = make_cache(fc, **dict(KNOBS, host_headroom_pages=64, warmup_steps=0))
     _generate(fc, cache, ids, mask, True, new=12)
-    assert _graphs() - before == 2
+    assert _graphs() - before == 3
     # each compiled step consumes the flag: a step that get_mask_sizes did not ready runs the full graph
-    assert not any(layer.plain_next for layer in cache.flexi_layers)
+    assert all(layer.next_flags is None for layer in cache.flexi_layers)
 
 
 def test_compiled_warm_up_equals_the_eager_step(pair):
