@@ -268,7 +268,10 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
     def ready_for_compiled_step(self) -> None:
         if self.is_initialized and self.length > 0:
             self.memory.ready_for_static_step()
-            flags = self.decode_flags()
+            # the kind as if the layer had stable heads: every layer then takes the same kind at each step, so
+            # one graph serves each kind (a layer without stable heads runs the rerank graph's append, harmlessly)
+            m, c = self.memory, self.cfg
+            flags = DecodeFlags.at(m.length, m.selected_at, c.page_size, c.rerank_interval, True, c.warmup_steps)
             self.next_flags = None if flags.rerank else DecodeFlags.PAGE if flags.new_page or flags.fill else DecodeFlags.PLAIN
 
     def get_seq_length(self) -> int:

@@ -12,6 +12,7 @@ from conftest import make_cache, tiny_pair
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
+from flexicache_hf import HeadProfile
 from flexicache_hf.compat import cache_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,13 +80,16 @@ def test_compiled_decode_equals_the_eager_step_with_three_graphs_for_every_step_
 def test_each_step_kind_runs_its_own_graph(pair):
     """Without buffer growth exactly three graphs: the lean one for plain steps, one for new-page and fill steps,
     and the one that decides everything on the device (reranks). A layer that never set `next_flags` would
-    compile one graph and be slower, not wrong; a stale kind would be wrong, so each step clears it."""
+    compile one graph and be slower, not wrong; a stale kind would be wrong, so each step clears it. Layer 0
+    has no stable heads: it must take the same kind as layer 1 at reranks, or each mix would be a graph."""
     torch._dynamo.reset()
     _, fc = pair
     ids, mask = _inputs("cpu")
+    knobs = dict(KNOBS, host_headroom_pages=64, warmup_steps=0, profile=HeadProfile(2, 2, [(0, 0), (0, 1), (1, 1)]))
+    eager = _generate(fc, make_cache(fc, **knobs), ids, mask, False, new=12)
+    cache = make_cache(fc, **knobs)
     before = _graphs()
-    cache = make_cache(fc, **dict(KNOBS, host_headroom_pages=64, warmup_steps=0))
-    _generate(fc, cache, ids, mask, True, new=12)
+    assert torch.equal(_generate(fc, cache, ids, mask, True, new=12), eager)
     assert _graphs() - before == 3
     # each compiled step consumes the flag: a step that get_mask_sizes did not ready runs the full graph
     assert all(layer.next_flags is None for layer in cache.flexi_layers)
