@@ -53,9 +53,9 @@ def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: 
     """Attention of one new token: q [B, H, G, D] (H KV heads, G query heads each) -> [B, H, G, D].
 
     flags: the step kind; None for a compiled step that decides it on the device, with no Python branch on it
-    (compiled steps that are no rerank get DecodeFlags.PLAIN or .PAGE, graphs of their own): the stable heads' selection is launched
-    at every step but selects (and their promotions apply) only where the device flags (memory.rerank_flags)
-    say, which leaves the same state as the eager step (the promotion of a periodic rerank runs after
+    (compiled steps that are no rerank get DecodeFlags.PLAIN or .PAGE, graphs of their own): the stable heads'
+    selection is launched but selects (and their promotions apply) only where the device flags
+    (memory.rerank_flags) say, which leaves the same state as the eager step (the promotion of a periodic rerank runs after
     attention on the compute stream instead of the copy stream).
     `record(group, pages)`, if given, sees each selection: ("unstable", their top-K page ids [B, Hu, K]) every
     step, ("stable", [B, Hs, K]) at a rerank (online calibration, a SelectionRecorder)."""
