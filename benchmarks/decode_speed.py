@@ -97,7 +97,10 @@ def run(model, method, ids, steps):
             flexicache_hf.enable_cuda_graphs(model)
     try:
         warm = StepClock()
+        t0 = time.perf_counter()
         ttft_first = generate(model, ids, 24, warm, **kw, **(cache_kwargs(cache) if cache else {}))
+        # a run cut short by a time limit still says where its time went (compilation is in this request)
+        print(f"{method}: warm-up request (24 tokens) {time.perf_counter() - t0:.1f} s", flush=True)
         if cache is not None:
             if method == "flexicache-fresh":
                 cache = FlexiCache(model.config)
