@@ -157,10 +157,10 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
     def length(self) -> int:
         return self.memory.length if self.is_initialized else 0
 
-    def decode_flags(self) -> DecodeFlags:
-        m = self.memory
-        return DecodeFlags.at(m.length, m.selected_at, self.cfg.page_size, self.cfg.rerank_interval, m.stable is not None,
-                              self.cfg.warmup_steps)
+    def decode_flags(self, as_if_stable: bool = False) -> DecodeFlags:
+        m, c = self.memory, self.cfg
+        has_stable = as_if_stable or m.stable is not None
+        return DecodeFlags.at(m.length, m.selected_at, c.page_size, c.rerank_interval, has_stable, c.warmup_steps)
 
     # ---- update: store -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -270,8 +270,7 @@ class FlexiCacheLayer(WholeContext, CacheLayerMixin):
             self.memory.ready_for_static_step()
             # the kind as if the layer had stable heads: every layer then takes the same kind at each step, so
             # one graph serves each kind (a layer without stable heads runs the rerank graph's append, harmlessly)
-            m, c = self.memory, self.cfg
-            flags = DecodeFlags.at(m.length, m.selected_at, c.page_size, c.rerank_interval, True, c.warmup_steps)
+            flags = self.decode_flags(as_if_stable=True)
             self.next_flags = None if flags.rerank else DecodeFlags.PAGE if flags.new_page or flags.fill else DecodeFlags.PLAIN
 
     def get_seq_length(self) -> int:

@@ -353,8 +353,8 @@ def test_no_data_loss_across_every_transition(monkeypatch):
     seen = {"new_page": 0, "fill": 0, "rerank": 0, "promote": 0, "grow": 0, "host_grow": 0}
     flags_of = FlexiCacheLayer.decode_flags
 
-    def spy_flags(self):
-        f = flags_of(self)
+    def spy_flags(self, **kw):
+        f = flags_of(self, **kw)
         for name in ("new_page", "fill", "rerank"):
             seen[name] += getattr(f, name)
         return f
