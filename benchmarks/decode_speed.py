@@ -30,6 +30,7 @@ import statistics
 import time
 
 import torch
+from torch._dynamo.utils import compilation_time_metrics, compile_times
 
 import flexicache_hf
 from flexicache_hf import FlexiCache
@@ -101,10 +102,12 @@ def run(model, method, ids, steps):
             flexicache_hf.enable_cuda_graphs(model)
     try:
         warm = StepClock()
+        compilation_time_metrics.clear()  # what this method's warm-up request compiles, by phase
         t0 = time.perf_counter()
         ttft_first = generate(model, ids, WARM_UP_TOKENS, warm, **kw, **(cache_kwargs(cache) if cache else {}))
         # a run cut short by a time limit still says where its time went (compilation is in this request)
         print(f"{method}: warm-up request ({WARM_UP_TOKENS} tokens) {time.perf_counter() - t0:.1f} s", flush=True)
+        print(compile_times(repr="str", aggregate=True), flush=True)
         if cache is not None:
             if method == "flexicache-fresh":
                 cache = FlexiCache(model.config)

@@ -1,0 +1,49 @@
+"""Where a compiled FlexiCache step's compile time goes, against dense StaticCache (CPU, SmolLM2).
+
+generate() on a 512-token prompt, 64 new tokens (every step kind), once eagerly and once through transformers'
+compile path with a given backend: "eager" (dynamo's tracing alone) or "aot_eager" (plus AOTAutograd's
+functionalisation). The compiled request's extra wall time over the eager one is the compile cost; dynamo's
+own breakdown (torch._dynamo.utils.compile_times) follows.
+
+    .venv/bin/python experiments/compile_time.py [eager|aot_eager]
+"""
+import sys
+import time
+
+import torch
+from torch._dynamo.utils import compile_times, counters
+from transformers import CompileConfig
+
+import flexicache_hf
+from flexicache_hf.compat import cache_kwargs
+from flexicache_hf.models import load_smollm2
+
+backend = sys.argv[1] if len(sys.argv) > 1 else "eager"
+torch.set_num_threads(2)
+model, _ = load_smollm2(attn_implementation="sdpa")
+ids = torch.randint(100, 10000, (1, 512), generator=torch.Generator().manual_seed(0))
+
+
+def request(method, compiled):
+    model.set_attn_implementation("flexicache" if method == "flexicache" else "sdpa")
+    kw = {"cache_implementation": "static"} if method == "dense" else cache_kwargs(flexicache_hf.FlexiCache(model.config))
+    if compiled:
+        cfg = CompileConfig(backend=backend, fullgraph=True, mode=None)
+        cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        kw["compile_config"] = cfg
+    else:
+        kw["disable_compile"] = True
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, **kw)
+    return time.perf_counter() - t
+
+
+for method in ("dense", "flexicache"):
+    torch._dynamo.reset()
+    eager = request(method, False)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = request(method, True)
+    print(f"{method}: eager request {eager:.1f} s, compiled request {compiled:.1f} s, "
+          f"graphs {counters['stats']['unique_graphs'] - graphs}", flush=True)
+    print(compile_times(repr="str", aggregate=True), flush=True)
