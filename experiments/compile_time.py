@@ -3,10 +3,12 @@
 generate() on a 512-token prompt, 64 new tokens (every step kind), once eagerly and once through transformers'
 compile path with a given backend: "eager" (dynamo's tracing alone) or "aot_eager" (plus AOTAutograd's
 functionalisation). The compiled request's extra wall time over the eager one is the compile cost; dynamo's
-own breakdown (torch._dynamo.utils.compile_times) follows.
+own breakdown (torch._dynamo.utils.compile_times) follows. "nodes" counts each graph's FX nodes instead (what
+inductor gets to lower: the size of each step kind's graph).
 
-    .venv/bin/python experiments/compile_time.py [eager|aot_eager]
+    .venv/bin/python experiments/compile_time.py [eager|aot_eager|nodes]
 """
+import collections
 import sys
 import time
 
@@ -19,6 +21,14 @@ from flexicache_hf.compat import cache_kwargs
 from flexicache_hf.models import load_smollm2
 
 backend = sys.argv[1] if len(sys.argv) > 1 else "eager"
+nodes = []
+
+
+def counting(gm, example_inputs):
+    nodes.append(collections.Counter(n.op for n in gm.graph.nodes))
+    return gm.forward
+
+
 torch.set_num_threads(2)
 model, _ = load_smollm2(attn_implementation="sdpa")
 ids = torch.randint(100, 10000, (1, 512), generator=torch.Generator().manual_seed(0))
@@ -28,7 +38,7 @@ def request(method, compiled):
     model.set_attn_implementation("flexicache" if method == "flexicache" else "sdpa")
     kw = {"cache_implementation": "static"} if method == "dense" else cache_kwargs(flexicache_hf.FlexiCache(model.config))
     if compiled:
-        cfg = CompileConfig(backend=backend, fullgraph=True, mode=None)
+        cfg = CompileConfig(backend=counting if backend == "nodes" else backend, fullgraph=True, mode=None)
         cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told
         kw["compile_config"] = cfg
     else:
@@ -46,4 +56,7 @@ for method in ("dense", "flexicache"):
     compiled = request(method, True)
     print(f"{method}: eager request {eager:.1f} s, compiled request {compiled:.1f} s, "
           f"graphs {counters['stats']['unique_graphs'] - graphs}", flush=True)
-    print(compile_times(repr="str", aggregate=True), flush=True)
+    print(compile_times(repr="str", aggregate=True) if backend != "nodes" else
+          "\n".join(f"  graph {i}: {sum(c.values())} nodes, {c['placeholder']} inputs" for i, c in enumerate(nodes)),
+          flush=True)
+    nodes.clear()
