@@ -3,16 +3,18 @@
 generate() on a 512-token prompt, 64 new tokens (every step kind), once eagerly and once through transformers'
 compile path with a given backend: "eager" (dynamo's tracing alone) or "aot_eager" (plus AOTAutograd's
 functionalisation). The compiled request's extra wall time over the eager one is the compile cost; dynamo's
-own breakdown (torch._dynamo.utils.compile_times) follows. "nodes" counts each graph's FX nodes instead (what
-inductor gets to lower: the size of each step kind's graph).
+own breakdown (torch._dynamo.utils.compile_times) follows; "inductor" compiles fully (inductor's CPU backend, ~4
+min) and also counts the kernels it generated. "nodes" counts each graph's FX nodes instead (what inductor gets
+to lower: the size of each step kind's graph).
 
-    .venv/bin/python experiments/compile_time.py [eager|aot_eager|nodes]
+    .venv/bin/python experiments/compile_time.py [eager|aot_eager|inductor|nodes]
 """
 import collections
 import sys
 import time
 
 import torch
+import torch._inductor.metrics
 from torch._dynamo.utils import compile_times, counters
 from transformers import CompileConfig
 
@@ -52,10 +54,11 @@ def request(method, compiled):
 for method in ("dense", "flexicache"):
     torch._dynamo.reset()
     eager = request(method, False)
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, kernels = counters["stats"]["unique_graphs"], torch._inductor.metrics.generated_kernel_count
     compiled = request(method, True)
     print(f"{method}: eager request {eager:.1f} s, compiled request {compiled:.1f} s, "
-          f"graphs {counters['stats']['unique_graphs'] - graphs}", flush=True)
+          f"graphs {counters['stats']['unique_graphs'] - graphs}, "
+          f"inductor kernels {torch._inductor.metrics.generated_kernel_count - kernels}", flush=True)
     print(compile_times(repr="str", aggregate=True) if backend != "nodes" else
           "\n".join(f"  graph {i}: {sum(c.values())} nodes, {c['placeholder']} inputs" for i, c in enumerate(nodes)),
           flush=True)
