@@ -35,12 +35,18 @@ from torch._dynamo.utils import compilation_time_metrics, compile_times
 import flexicache_hf
 from flexicache_hf import FlexiCache
 from flexicache_hf.compat import cache_kwargs
+from flexicache_hf.config import FlexiCacheConfig
 
-# FlexiCache compiles a step kind when it first runs: at the defaults (16-step warm-up, rerank every 16, pages of
-# 16) the first page-fill step that is no rerank comes ~31 steps after the prefill, so a 24-token warm-up left
-# the page graph's compilation (78 s for SmolLM2 on the H200) inside the measured request
-WARM_UP_TOKENS = 64
 METHODS = ["dense-eager", "dense-sdpa", "dense-flex", "flexicache", "flexicache-fresh", "flexicache-graphs"]
+
+
+def warm_up_tokens() -> int:
+    """A warm-up request long enough to run every step kind once. FlexiCache compiles a kind when it first runs:
+    at the defaults (16-step warm-up, rerank every 16, pages of 16) the first page-fill step that is no rerank
+    comes ~31 steps after the prefill, so a 24-token warm-up left the page graph's compilation (78 s for SmolLM2
+    on the H200) inside the measured request. Every method gets the same length (64 at the defaults)."""
+    c = FlexiCacheConfig()  # the defaults FlexiCache(model.config) runs with
+    return c.warmup_steps + c.rerank_interval + 2 * c.page_size
 
 
 class StepClock:
@@ -104,9 +110,10 @@ def run(model, method, ids, steps):
         warm = StepClock()
         compilation_time_metrics.clear()  # what this method's warm-up request compiles, by phase
         t0 = time.perf_counter()
-        ttft_first = generate(model, ids, WARM_UP_TOKENS, warm, **kw, **(cache_kwargs(cache) if cache else {}))
+        warm_tokens = warm_up_tokens()
+        ttft_first = generate(model, ids, warm_tokens, warm, **kw, **(cache_kwargs(cache) if cache else {}))
         # a run cut short by a time limit still says where its time went (compilation is in this request)
-        print(f"{method}: warm-up request ({WARM_UP_TOKENS} tokens) {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{method}: warm-up request ({warm_tokens} tokens) {time.perf_counter() - t0:.1f} s", flush=True)
         print(compile_times(repr="str", aggregate=True), flush=True)
         if cache is not None:
             if method == "flexicache-fresh":
