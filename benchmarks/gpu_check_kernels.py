@@ -115,10 +115,10 @@ class Layer:
         self.valid[0, :37] = False  # a left-padded row
         keys = self.k_u.view(B, H_UNSTABLE, self.P, PS, D)[:, :, : self.Pf].reshape(B, H_UNSTABLE, self.Pf * PS, D)
         self.keys_full = keys  # strided view of the pool: the full pages of the unstable heads
-        kmin, kmax = K.page_minmax(keys, self.valid[:, : self.Pf * PS], PS)
+        # MinMax metadata and the 2-bit key sketch (the default scorer's), as the cache writes them
+        kmin, kmax, codes = K.page_summary(keys, self.valid[:, : self.Pf * PS], PS, 2)
         self.kmin, self.kmax = kmin.view(self.Nu, self.Pf, D), kmax.view(self.Nu, self.Pf, D)
-        # the 2-bit key sketch (sketch_bits=2), as the cache writes it
-        self.codes = ops.page_sketch(keys, self.valid[:, : self.Pf * PS], kmin, kmax, PS, 2).flatten(0, 1)
+        self.codes = codes.flatten(0, 1)
         self.page_valid = self.valid[:, : self.Pf * PS].view(B, self.Pf, PS).any(-1)
         self.current = torch.tensor([self.P - 1], device=dev)
 
@@ -174,10 +174,10 @@ def check_layer(L: Layer):
     _util.POISON = True  # kernel-allocated outputs start as NaN: catches unwritten elements
     try:
         vf = L.valid[:, : L.Pf * PS]
-        kmin, kmax = K.page_minmax(L.keys_full, vf, PS)
-        rmin, rmax = ops.page_minmax_ref(L.keys_full, vf, PS)
-        ok &= expect("page_minmax (exact)", torch.stack([kmin, kmax]), torch.stack([rmin, rmax]), exact=True)
-        del rmin, rmax
+        got, ref = K.page_summary(L.keys_full, vf, PS, 2), ops.page_summary_ref(L.keys_full, vf, PS, 2)
+        ok &= expect("page_summary min/max (exact)", torch.stack(got[:2]), torch.stack(ref[:2]), exact=True)
+        ok &= expect("page_summary 2-bit sketch (exact)", got[2], ref[2], exact=True)
+        del got, ref
         s = K.page_scores(L.q_u, L.kmin, L.kmax)
         ok &= expect("page_scores", s, ops.page_scores_ref(L.q_u, L.kmin, L.kmax))
         s = K.page_scores(L.q_u, L.kmin, L.kmax, codes=L.codes)

@@ -12,7 +12,7 @@ warmup_steps=0 the method is the cache before the warm-up existed (its tokens eq
 of an earlier run). A resumed run skips the records results.json already has (copy an earlier run's
 results.json into --out to reuse its dense and oracle records).
 
-Promotions: every call of the stable heads' promotion (memory/offload.plan_promotion) is counted per request
+Promotions: every call of the stable heads' promotion (ops.plan_promotion) is counted per request
 (one (method, budget, prompt) cache): calls, and pages copied (one page of one stable KV head of one row; a
 SmolLM2 page is 16 tokens x 64 channels x K and V = 8 KiB in fp32), split into the first decode step's,
 the rest of the warm-up's and the periodic reranks'. Written to <out>/promotions.json and summarised.
@@ -58,24 +58,24 @@ class Counter:
 
 
 def patch_promotions():
-    from flexicache_hf.memory import offload
+    from flexicache_hf import ops
 
-    plan = offload.plan_promotion
+    plan = ops.plan_promotion
 
-    def counted(sp, selected, current_page, active=None):
-        missing, dst = plan(sp, selected, current_page, active)
+    def counted(sp, selected, current_page, active=None, use_kernels="auto"):
+        src, dst = plan(sp, selected, current_page, active, use_kernels)
         rec = Counter.current
         if rec is not None:
             if active is not None and not bool(active.all()):
-                return missing, dst
+                return src, dst
             mem = rec["memory"][id(sp)]  # the layer whose slot table this is
             since = mem.length - mem.selected_at  # the step's (a promotion runs before next_position)
             kind = "first" if since == 0 else "warmup" if since < rec["warmup"] else "rerank"
             rec["calls"][kind] += 1
-            rec["pages"][kind] += int(missing.sum())
-        return missing, dst
+            rec["pages"][kind] += int((src >= 0).sum())
+        return src, dst
 
-    offload.plan_promotion = counted
+    ops.plan_promotion = counted
 
 
 def make_methods(warmups):

@@ -82,6 +82,13 @@ def page_sketch_ref(keys: torch.Tensor, valid: torch.Tensor, kmin: torch.Tensor,
     return codes
 
 
+def page_summary_ref(keys: torch.Tensor, valid: torch.Tensor, page_size: int, bits: int = 0):
+    """A page's selection metadata: kmin, kmax (page_minmax_ref) and, with bits > 0, every token's sketch codes
+    (page_sketch_ref; else None)."""
+    kmin, kmax = page_minmax_ref(keys, valid, page_size)
+    return kmin, kmax, page_sketch_ref(keys, valid, kmin, kmax, page_size, bits) if bits else None
+
+
 def sketch_keys_ref(kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Decode page_sketch_ref: kmin, kmax [..., P, D]; codes [..., P, ps, D*bits//8] -> keys [..., P, ps, D] in
     the accumulation dtype, each channel at its level's midpoint kmin + (l + 1/2) (kmax - kmin) / 2^bits."""
@@ -281,6 +288,39 @@ def copy_pages_ref(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torc
         dst[dst_idx.to(dst.device)] = src[src_idx.to(src.device)].to(dst.device)
 
 
+def plan_promotion_ref(slot_page: torch.Tensor, selected: torch.Tensor, current_page: torch.Tensor,
+                       active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A promotion's plan: the resident set of each row becomes `selected` plus the current page.
+
+    slot_page [B, H, S] long, the stable heads' block table (the page each GPU slot holds, -1 = free), updated
+    in place; selected [B, H, K] page ids (-1 = none); current_page [1] (its slot is never freed); active
+    (device bool [1] or None): a compiled step's rerank flag, where False nothing changes.
+    Slots of pages not selected are freed; the r-th selected page of a row that is not resident goes to the
+    row's r-th free slot (in slot order). Returns (src, dst), [B*H*K] long each: for each (row, k) the page's
+    host pool index (host_index, rows = B*H) and its slot pool index (slot_index, S slots per row), -1 in
+    both where nothing is copied."""
+    sp = slot_page
+    B, H, S = sp.shape
+    keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
+    if active is not None:
+        keep |= ~active
+    sp.masked_fill_(~keep & (sp >= 0), -1)
+    resident = (selected.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
+    missing = (selected >= 0) & ~resident
+    if active is not None:
+        missing &= active
+    # pair the r-th missing page of a row with the r-th free slot of that row
+    free_first = torch.argsort((sp >= 0).to(torch.int8), dim=-1, stable=True)
+    dst = free_first.gather(-1, (missing.cumsum(-1) - 1).clamp(min=0))
+    # block table: missing pages into their slots; everything else lands in a spare column S
+    table = torch.cat([sp, sp.new_full((B, H, 1), -1)], dim=-1)
+    table.scatter_(-1, torch.where(missing, dst, S), selected)
+    sp.copy_(table[..., :S])
+    rows = torch.arange(B * H, device=sp.device).view(B, H, 1)
+    src = torch.where(missing, host_index(selected, rows, B * H), -1).view(-1)
+    return src, torch.where(missing, slot_index(rows, dst, S), -1).view(-1)
+
+
 # ------------------------------------------------------------------------------------------------
 # dispatch: the Triton kernel of each op on CUDA (flexicache_hf.kernels, same signature), its reference
 # elsewhere (and under TRITON_INTERPRET=1 in the CPU tests, when use_kernels=True)
@@ -312,19 +352,17 @@ def _on(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def page_minmax(keys, valid, page_size, use_kernels="auto"):
-    if torch.compiler.is_compiling():  # one page per step: the compiler fuses the reference
-        return page_minmax_ref(keys, valid, page_size)
+def page_summary(keys, valid, page_size, bits=0, use_kernels="auto"):
+    """page_summary_ref; one launch for the whole summary on CUDA (a compiled step summarises its current
+    page through the custom op: the reference was ~60 small ops per layer)."""
+    if torch.compiler.is_compiling():
+        kmin, kmax, codes = torch.ops.flexicache.page_summary(keys, valid, page_size, bits, str(use_kernels))
+        return kmin, kmax, codes if bits else None
     k = _kernels(keys.device, use_kernels)
     if k is None:
-        return page_minmax_ref(keys, valid, page_size)
+        return page_summary_ref(keys, valid, page_size, bits)
     with _on(keys):
-        return k.page_minmax(keys, valid, page_size)
-
-
-def page_sketch(keys, valid, kmin, kmax, page_size, bits):
-    # plain PyTorch on every device: it runs once per filled page (and per prefill), off the hot path
-    return page_sketch_ref(keys, valid, kmin, kmax, page_size, bits)
+        return k.page_summary(keys, valid, page_size, bits)
 
 
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
@@ -370,8 +408,18 @@ def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto", pair=No
         return k.copy_pages(src_pool, src_idx, dst_pool, dst_idx, pair)
 
 
+def plan_promotion(slot_page, selected, current_page, active=None, use_kernels="auto"):
+    if torch.compiler.is_compiling():
+        return torch.ops.flexicache.plan_promotion(slot_page, selected, current_page, active, str(use_kernels))
+    k = _kernels(slot_page.device, use_kernels)
+    if k is None:
+        return plan_promotion_ref(slot_page, selected, current_page, active)
+    with _on(slot_page):
+        return k.plan_promotion(slot_page, selected, current_page, active)
+
+
 # ------------------------------------------------------------------------------------------------
-# torch.compile: the three ops a decode step launches kernels through are custom ops, opaque to the
+# torch.compile: the ops a decode step launches kernels through are custom ops, opaque to the
 # compiler (it fuses the model's own operations around them; CUDA graphs capture their launches)
 # ------------------------------------------------------------------------------------------------
 def _use(s: str):
@@ -419,3 +467,29 @@ def _copy_pages_op(src_pool: torch.Tensor, src_idx: torch.Tensor, dst_pool: torc
 @_copy_pages_op.register_fake
 def _(src_pool, src_idx, dst_pool, dst_idx, use_kernels, src_pool2, dst_pool2):
     return None
+
+
+@torch.library.custom_op("flexicache::plan_promotion", mutates_args=("slot_page",))
+def _plan_promotion_op(slot_page: torch.Tensor, selected: torch.Tensor, current_page: torch.Tensor,
+                       active: torch.Tensor | None, use_kernels: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return plan_promotion(slot_page, selected, current_page, active, _use(use_kernels))
+
+
+@_plan_promotion_op.register_fake
+def _(slot_page, selected, current_page, active, use_kernels):
+    return selected.new_empty(selected.numel()), selected.new_empty(selected.numel())
+
+
+@torch.library.custom_op("flexicache::page_summary", mutates_args=())
+def _page_summary_op(keys: torch.Tensor, valid: torch.Tensor, page_size: int, bits: int,
+                     use_kernels: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kmin, kmax, codes = page_summary(keys, valid, page_size, bits, _use(use_kernels))
+    return kmin, kmax, codes if codes is not None else keys.new_empty(0, dtype=torch.uint8)
+
+
+@_page_summary_op.register_fake
+def _(keys, valid, page_size, bits, use_kernels):
+    B, H, T, D = keys.shape
+    P = T // page_size
+    codes = keys.new_empty((B, H, P, page_size, D * bits // 8) if bits else (0,), dtype=torch.uint8)
+    return keys.new_empty(B, H, P, D), keys.new_empty(B, H, P, D), codes

@@ -23,7 +23,7 @@ class MinMaxBound:
 
     def summarise(self, keys, valid, page_size, use_kernels="auto"):
         """keys [B, H, n * page_size, D], valid [B, n * page_size] -> kmin, kmax [B, H, n, D], codes (None)."""
-        return (*ops.page_minmax(keys, valid, page_size, use_kernels), None)
+        return ops.page_summary(keys, valid, page_size, 0, use_kernels)
 
     def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels,
                skip=None):
@@ -45,8 +45,7 @@ class SketchMax:
         return self.bits
 
     def summarise(self, keys, valid, page_size, use_kernels="auto"):
-        kmin, kmax = ops.page_minmax(keys, valid, page_size, use_kernels)
-        return kmin, kmax, ops.page_sketch(keys, valid, kmin, kmax, page_size, self.bits)
+        return ops.page_summary(keys, valid, page_size, self.bits, use_kernels)
 
     def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels,
                skip=None):

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from conftest import sketch_case  # noqa: E402
 from flexicache_hf import ops  # noqa: E402
-from flexicache_hf.kernels import _util, attention, copy, minmax, scores, select  # noqa: E402
+from flexicache_hf.kernels import _util, attention, copy, promote, scores, select, summary  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -275,28 +275,36 @@ def test_kernel_select_pages_skip_flag(route):
 
 
 # ------------------------------------------------------------------------------------------------
-# page_minmax
+# page_summary (min/max and the key sketch in one launch)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ps,D", [(16, 128), (4, 80), (8, 64)])
-def test_kernel_page_minmax(dtype, ps, D):
+@pytest.mark.parametrize("ps,D,bits", [(16, 128, 0), (4, 80, 0), (8, 64, 0), (16, 64, 2), (4, 80, 2), (8, 48, 1),
+                                       (1, 64, 4), (16, 128, 2)])
+def test_kernel_page_summary(dtype, ps, D, bits):
     B, H, P = 3, 2, 7
     keys = torch.randn(B, H, P * ps, D, device=DEV).to(dtype)
+    keys[:, :, :, 5] = 0.25  # a flat box: level 0
+    keys[0, 1, 3] = keys[0, 1, 2]  # ties at the box's edges
     valid = torch.ones(B, P * ps, dtype=torch.bool, device=DEV)
     valid[0, : 2 * ps + 1] = False  # left padding: two empty pages and a partly valid one
-    valid[1, -3:] = False
+    valid[1, -3:] = False  # padding after the first valid token of a page
     valid[2] = False  # nothing valid: all zeros
-    kmin, kmax = minmax.page_minmax(keys, valid, ps)
-    rmin, rmax = ops.page_minmax_ref(keys, valid, ps)
-    assert not kmin.isnan().any() and not kmax.isnan().any()
-    assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax)
+    got, ref = summary.page_summary(keys, valid, ps, bits), ops.page_summary_ref(keys, valid, ps, bits)
+    assert not got[0].isnan().any() and not got[1].isnan().any()
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert (got[2] is None) == (bits == 0)
+    if bits:
+        assert got[2].dtype == torch.uint8 and torch.equal(got[2], ref[2])
 
 
-def test_kernel_page_minmax_strided_keys():
+def test_kernel_page_summary_strided_keys_and_one_page():
     keys = torch.randn(2, 24, 3, 64, device=DEV).transpose(1, 2)  # [B, H, T, D] with H/T swapped strides
     valid = torch.rand(2, 24, device=DEV) > 0.3
-    got, ref = minmax.page_minmax(keys, valid, 8), ops.page_minmax_ref(keys, valid, 8)
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    for k, v in ((keys, valid), (keys[:, :, 8:16], valid[:, 8:16])):  # a decode step's one current page
+        got, ref = summary.page_summary(k, v, 8, 2), ops.page_summary_ref(k, v, 8, 2)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    got = ops.page_summary(keys, valid, 8, 2, use_kernels=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, ops.page_summary_ref(keys, valid, 8, 2)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,3 +476,72 @@ def test_kernel_pdl_default_and_cuda_only(monkeypatch):
     assert _util.PDL is (os.environ.get("FLEXICACHE_HF_PDL", "1") != "0")
     monkeypatch.setattr(_util, "PDL", True)
     assert _util.pdl(torch.device("cpu")) == {"PDL": False}
+
+
+# ------------------------------------------------------------------------------------------------
+# plan_promotion
+# ------------------------------------------------------------------------------------------------
+def make_promotion_case(B, H, S, K, P, g, slot_page=None):
+    """A block table with holes (or `slot_page`) and a selection from pages [0, P) drawn to overlap it: -1
+    scattered in both, some selected pages already resident; in a new table row 0 holds the current page
+    without selecting it (its slot must be kept) and selects a page it does not hold. A row selects at most
+    as many pages as it has slots besides the current page's (the callers' guarantee: free slots suffice)."""
+    def rnd(n):
+        return torch.randperm(n, generator=g)
+
+    cur = int(rnd(P)[0])
+    sp = torch.full((B * H, S), -1, dtype=torch.long) if slot_page is None else slot_page.cpu().view(B * H, S).clone()
+    sel = torch.full((B * H, K), -1, dtype=torch.long)
+    for i in range(B * H):
+        forced = i == 0 and slot_page is None
+        if slot_page is None:
+            n = int(rnd(S + 1)[0])
+            sp[i, rnd(S)[:n]] = rnd(P)[:n]
+        if forced and cur not in sp[0]:
+            sp[0, rnd(S)[0]] = cur
+        held = set(sp[i].tolist()) - {-1}
+        pages = [p for p in rnd(P).tolist() if not (forced and p == cur)]
+        n = min(K, S - (cur in held), int(rnd(K + 1)[0]))
+        if forced:
+            new = next(p for p in pages if p not in held)
+            pages.remove(new)
+            pages.insert(0, new)
+            n = max(n, 1)
+        sel[i, rnd(K)[:n]] = torch.tensor(pages[:n], dtype=torch.long)
+    return sp.view(B, H, S).to(DEV), sel.view(B, H, K).to(DEV), torch.tensor([cur], device=DEV)
+
+
+@pytest.mark.parametrize("B,H,S,K", [(2, 3, 9, 5), (1, 1, 3, 1), (3, 2, 70, 64), (2, 2, 5, 8)])
+@pytest.mark.parametrize("active", [None, True, False])
+def test_kernel_plan_promotion(B, H, S, K, active):
+    """The updated block table and the copy jobs equal the reference's bit for bit: odd shapes, more selections
+    than slots (K > S, mostly -1), holes, resident selections, the current page kept unselected; inactive:
+    nothing changes and every job is -1."""
+    g = torch.Generator().manual_seed(B * 1000 + S * 10 + K)
+    slot_page, selected, current = make_promotion_case(B, H, S, K, S + K // 2 + 2, g)
+    flag = None if active is None else torch.tensor([active], device=DEV)
+    before, expect = slot_page.clone(), slot_page.clone()
+    ref_src, ref_dst = ops.plan_promotion_ref(expect, selected, current, flag)
+    src, dst = promote.plan_promotion(slot_page, selected, current, flag)
+    assert src.dtype == dst.dtype == torch.long and src.shape == dst.shape == (B * H * K,)
+    assert torch.equal(src, ref_src) and torch.equal(dst, ref_dst) and torch.equal(slot_page, expect)
+    if active is False:
+        assert torch.equal(slot_page, before) and (src == -1).all() and (dst == -1).all()
+    else:
+        assert (src >= 0).any() and (slot_page[0, 0] == current).any()  # row 0: a promotion, the current page kept
+
+
+def test_kernel_plan_promotion_through_ops():
+    """Rounds of promotions on one block table through the dispatcher (a strided selection, a round with the
+    flag off) stay identical to the reference's table."""
+    g = torch.Generator().manual_seed(5)
+    B, H, S, K, P = 2, 3, 9, 7, 20
+    slot_page, selected, current = make_promotion_case(B, H, S, K, P, g)
+    expect = slot_page.clone()
+    for step in range(4):
+        active = torch.tensor([step != 2], device=DEV)
+        strided = selected.transpose(0, 1).contiguous().transpose(0, 1)
+        got = ops.plan_promotion(slot_page, strided, current, active, use_kernels=True)
+        ref = ops.plan_promotion_ref(expect, selected, current, active)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and torch.equal(slot_page, expect)
+        _, selected, current = make_promotion_case(B, H, S, K, P, g, slot_page=slot_page)

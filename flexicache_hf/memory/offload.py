@@ -203,10 +203,7 @@ class OffloadedPages:
         carry index -1, which the copy skips.
         """
         self.join()
-        missing, dst = plan_promotion(self.slot_page, selected, current_page, active)
-        B, H, S = self.slot_page.shape
-        src_idx = torch.where(missing, ops.host_index(selected, self._rows, B * H), -1).view(-1)
-        dst_idx = torch.where(missing, ops.slot_index(self._rows, dst, S), -1).view(-1)
+        src_idx, dst_idx = ops.plan_promotion(self.slot_page, selected, current_page, active)
         ps, D = self.k.shape[3:]
         self.wait_offloads(host_reader=not self.pin)
         ops.copy_pages(self.host_k_mapped.view(-1, ps, D), src_idx, self.k.view(-1, ps, D), dst_idx,
@@ -270,24 +267,3 @@ class OffloadedPages:
         """Bytes of the first `pages` pages of the host pool (K and V)."""
         return 2 * pages * self.host_k[0].nbytes
 
-
-def plan_promotion(sp: torch.Tensor, selected: torch.Tensor, current_page: torch.Tensor, active=None):
-    """Update the slot table `sp` [B, H, S] in place for a promotion of `selected` [B, H, K]; returns which
-    selected pages must be copied in (`missing` [B, H, K]) and the slot each goes to (`dst`)."""
-    B, H, S = sp.shape
-    keep = (sp.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1) | (sp == current_page)
-    if active is not None:
-        keep |= ~active
-    sp.masked_fill_(~keep & (sp >= 0), -1)
-    resident = (selected.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
-    missing = (selected >= 0) & ~resident
-    if active is not None:
-        missing &= active
-    # pair the r-th missing page of a row with the r-th free slot of that row
-    free_first = torch.argsort((sp >= 0).to(torch.int8), dim=-1, stable=True)
-    dst = free_first.gather(-1, (missing.cumsum(-1) - 1).clamp(min=0))
-    # block table: missing pages into their slots; everything else lands in a spare column S
-    table = torch.cat([sp, sp.new_full((B, H, 1), -1)], dim=-1)
-    table.scatter_(-1, torch.where(missing, dst, S), selected)
-    sp.copy_(table[..., :S])
-    return missing, dst
