@@ -255,6 +255,21 @@ def test_paged_decode_attention_ref_addressing_by_entry_and_by_page_agree():
 # ------------------------------------------------------------------------------------------------
 # copies and dispatch
 # ------------------------------------------------------------------------------------------------
+def test_plan_promotion_ref_pairs_missing_pages_with_free_slots_in_order():
+    """Unselected pages free their slots (not the current page's); the r-th missing selection of a row takes its
+    r-th free slot; the copy jobs address the page-major host pool and the row's slots; inactive: no change."""
+    sp = torch.tensor([[[7, -1, 3, 9, 5]], [[-1, -1, -1, -1, -1]]])  # B=2, H=1, S=5
+    sel = torch.tensor([[[3, 4, -1, 6]], [[1, -1, 2, -1]]])
+    src, dst = ops.plan_promotion_ref(sp, sel, torch.tensor([9]))
+    assert sp.tolist() == [[[4, 6, 3, 9, -1]], [[1, 2, -1, -1, -1]]]  # 7, 5 freed; 9 is the current page
+    assert src.tolist() == [-1, ops.host_index(4, 0, 2), -1, ops.host_index(6, 0, 2), ops.host_index(1, 1, 2), -1,
+                            ops.host_index(2, 1, 2), -1]
+    assert dst.tolist() == [-1, 0, -1, 1, 5, -1, 6, -1]  # slot_index(row, slot, 5)
+    before = sp.clone()
+    src, dst = ops.plan_promotion_ref(sp, torch.full_like(sel, -1), torch.tensor([0]), torch.tensor([False]))
+    assert torch.equal(sp, before) and (src == -1).all() and (dst == -1).all()
+
+
 def test_copy_pages_ref_skips_minus_one():
     src, dst = torch.randn(5, 2, 3), torch.zeros(4, 2, 3)
     ops.copy_pages_ref(src, torch.tensor([4, -1, 0]), dst, torch.tensor([1, 2, 3]))
