@@ -144,20 +144,23 @@ def run(model, method, ids, steps):
 
 
 def by_kind(steps_ms, cache, prompt_len) -> dict:
-    """Count, median and max step time per step kind: plain (the compiled lean graph), page (a new page or a
-    page fill), rerank (the periodic one) and warm-up (the stable heads re-select at once, the first
-    warmup_steps steps); page steps run the page graph, reranks and the warm-up the rerank graph. Step j
-    decodes the token at prompt_len + j."""
+    """Count, median and max step time per step kind (step_kind). Step j decodes the token at prompt_len + j."""
+    kinds = {"plain": [], "page": [], "rerank": [], "warm-up": []}
+    for j, ms in enumerate(steps_ms):
+        kinds[step_kind(cache, prompt_len, j)].append(ms)
+    return {k: (len(v), statistics.median(v), max(v)) for k, v in kinds.items() if v}
+
+
+def step_kind(cache, prompt_len, j) -> str:
+    """plain (the compiled lean graph), page (a new page or a page fill), rerank (the periodic one) or warm-up
+    (the stable heads re-select at once, the first warmup_steps steps); page steps run the page graph, reranks
+    and the warm-up the rerank graph."""
     from flexicache_hf.decode import DecodeFlags
 
     cfg = cache.config
     has_stable = any(layer.memory.stable is not None for layer in cache.layers)
-    kinds = {"plain": [], "page": [], "rerank": [], "warm-up": []}
-    for j, ms in enumerate(steps_ms):
-        f = DecodeFlags.at(prompt_len + j, prompt_len, cfg.page_size, cfg.rerank_interval, has_stable, cfg.warmup_steps)
-        kind = "warm-up" if f.first else "rerank" if f.rerank else "page" if f.new_page or f.fill else "plain"
-        kinds[kind].append(ms)
-    return {k: (len(v), statistics.median(v), max(v)) for k, v in kinds.items() if v}
+    f = DecodeFlags.at(prompt_len + j, prompt_len, cfg.page_size, cfg.rerank_interval, has_stable, cfg.warmup_steps)
+    return "warm-up" if f.first else "rerank" if f.rerank else "page" if f.new_page or f.fill else "plain"
 
 
 def step_bytes(model, method, batch, ctx, report=None) -> float:

@@ -1,12 +1,14 @@
 """Where a decode step's time goes on the path users take: torch.profiler over a few steps of generate().
 
     python benchmarks/profile_step.py --shape 32768x1 [--methods flexicache dense-flex] [--trace DIR]
+    python benchmarks/profile_step.py --model smollm2 --shape 7936x1 --at 6 21 32 33   # one step of each kind
 
 Same model and set-up as decode_speed.py (warm-up request first, then a reused cache / a warm compiled
 model). For each method it prints, per profiled step: wall time, GPU kernel time (the sum of kernel
 durations), the number of kernels and of CUDA graph launches, the top host-side ops by self CPU time and
 the top kernels by GPU time. A step whose wall time is well above its kernel time is bound by the host
-(Python, guards, launches), one near it by the GPU. --trace writes a chrome trace per method.
+(Python, guards, launches), one near it by the GPU. --trace writes a chrome trace per method. --at profiles
+single steps instead (one request each; step j decodes the prompt's j-th next token), labelled with their kind.
 """
 
 from __future__ import annotations
@@ -65,13 +67,13 @@ def prepare(model, method):
     return next_request
 
 
-def report(method, clock, n, trace_dir):
+def report(method, clock, n, trace_dir, label=""):
     events = clock.prof.events()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.device_time for e in kernels) / 1000 / n
     launches = sum(1 for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")) / n
     walls = [1000 * (b - a) for a, b in zip(clock.times[clock.start - 1:], clock.times[clock.start:clock.start + n])]
-    print(f"\n=== {method}: {n} steps profiled; wall per step (ms): {[round(w, 2) for w in walls]}")
+    print(f"\n=== {method}{label}: {n} steps profiled; wall per step (ms): {[round(w, 2) for w in walls]}")
     print(f"kernel time per step {gpu_ms:.2f} ms, {len(kernels) / n:.0f} kernels and {launches:.1f} graph launches "
           f"per step")
     avg = clock.prof.key_averages()
@@ -94,22 +96,41 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["flexicache"],
                     choices=["flexicache", "flexicache-graphs", "dense-sdpa", "dense-flex"])
     ap.add_argument("--trace", default=None, help="folder for chrome traces")
+    ap.add_argument("--model", help="a real model (decode_speed's --model) instead of the Llama-3.1-8B shape")
+    ap.add_argument("--at", type=int, nargs="+", help="profile these single steps, one request each")
     args = ap.parse_args(argv)
     ctx, batch = map(int, args.shape.split("x"))
-    from gpu_e2e import llama8b
+    if args.model:
+        from flexicache_hf.models import load_model
 
+        model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+        model = model.cuda().eval()
+        ids = D.real_prompt(tokenizer, ctx, batch)
+    else:
+        from gpu_e2e import llama8b
+
+        model = llama8b(args.layers)
+        ids = torch.randint(0, 32000, (batch, ctx), device="cuda")
     torch._dynamo.config.cache_size_limit = 64
-    model = llama8b(args.layers)
-    ids = torch.randint(0, 32000, (batch, ctx), device="cuda")
+    windows = [(j, 1) for j in args.at] if args.at else [(args.start, args.steps)]
     for method in args.methods:
         next_request = prepare(model, method)
         try:
-            D.generate(model, ids, 24, D.StepClock(), **next_request())  # compiles / captures
-            clock = ProfileSteps(args.start, args.steps)
-            D.generate(model, ids, args.start + args.steps + 2, clock, **next_request())
+            D.generate(model, ids, D.warm_up_tokens(), D.StepClock(), **next_request())  # compiles every graph
+            for start, n in windows:
+                clock = ProfileSteps(start, n)
+                kw = next_request()
+                D.generate(model, ids, start + n + 2, clock, **kw)
+                report(method, clock, n, args.trace, step_kind(kw, ids.shape[1], start - 1) if args.at else "")
         finally:
             flexicache_hf.disable_cuda_graphs(model)
-        report(method, clock, args.steps, args.trace)
+
+
+def step_kind(kw, prompt_len, j) -> str:
+    """The label of decode step j (the window opened by the start-th token, after the prefill's, profiles step
+    start - 1)."""
+    cache = next((v for v in kw.values() if isinstance(v, FlexiCache)), None)
+    return f", step {j}" + (f" ({D.step_kind(cache, prompt_len, j)})" if cache is not None else "")
 
 
 if __name__ == "__main__":

@@ -87,9 +87,10 @@ def page_summary(keys: torch.Tensor, valid: torch.Tensor, page_size: int, bits: 
         valid = valid.view(torch.uint8)
     PB = 8 // bits if bits else 1  # channels per code byte; without a sketch, one row of D channels
     DB = D // PB
-    _page_summary_kernel[(B * H, triton.cdiv(P, PAGES))](
+    pages = min(PAGES, P)  # a decode step summarises one page: no masked iterations in its chain
+    _page_summary_kernel[(B * H, triton.cdiv(P, pages))](
         keys, valid, kmin, kmax, codes if bits else kmin, H, P, keys.stride(0), keys.stride(1), keys.stride(2),
         valid.stride(0), valid.stride(1), PS=page_size, DB=DB, DB_PAD=max(16, next_pow2(DB)), PB=PB, BITS=bits,
-        PAGES=PAGES, num_warps=4,
+        PAGES=pages, num_warps=4,
     )
     return kmin, kmax, codes
