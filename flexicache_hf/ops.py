@@ -89,6 +89,30 @@ def page_summary_ref(keys: torch.Tensor, valid: torch.Tensor, page_size: int, bi
     return kmin, kmax, page_sketch_ref(keys, valid, kmin, kmax, page_size, bits) if bits else None
 
 
+def summarise_page_ref(pool: torch.Tensor, valid: torch.Tensor, page: torch.Tensor, page_size: int,
+                       kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor | None = None,
+                       page_valid: torch.Tensor | None = None, slot: torch.Tensor | None = None) -> None:
+    """In place: page_summary_ref of one page of every row, written into metadata buffers at that page.
+
+    pool: the keys [B, H, T, D], the page at tokens page * page_size on (the unstable heads' buffer), or with slot
+    [B, H] the slot pool [B, H, S, page_size, D], the page in slot slot[b, h] (the stable heads' current page);
+    valid [B, T] the tokens' validity; page [1] on the device. kmin, kmax [B, H, cap, D] and codes [B, H, cap,
+    page_size, D*bits//8] (None: no sketch) get the page's summary at `page`; page_valid [B, cap], if given,
+    whether the page holds a valid token."""
+    tokens = page * page_size + torch.arange(page_size, device=valid.device)
+    v = valid.index_select(1, tokens)
+    if slot is None:
+        keys = pool.index_select(2, tokens)
+    else:
+        keys = pool.gather(2, slot.view(*slot.shape, 1, 1, 1).expand(-1, -1, 1, *pool.shape[3:]))[:, :, 0]
+    bits = 0 if codes is None else 8 * codes.shape[-1] // kmin.shape[-1]
+    for dst, src in zip((kmin, kmax, codes), page_summary_ref(keys, v, page_size, bits)):
+        if dst is not None:
+            dst.index_copy_(2, page, src)
+    if page_valid is not None:
+        page_valid.index_copy_(1, page, v.any(-1, keepdim=True))
+
+
 def sketch_keys_ref(kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Decode page_sketch_ref: kmin, kmax [..., P, D]; codes [..., P, ps, D*bits//8] -> keys [..., P, ps, D] in
     the accumulation dtype, each channel at its level's midpoint kmin + (l + 1/2) (kmax - kmin) / 2^bits."""
@@ -365,6 +389,19 @@ def page_summary(keys, valid, page_size, bits=0, use_kernels="auto"):
         return k.page_summary(keys, valid, page_size, bits)
 
 
+def summarise_page(pool, valid, page, page_size, kmin, kmax, codes=None, page_valid=None, slot=None,
+                   use_kernels="auto"):
+    """summarise_page_ref; a decode step's page summary in one launch per head group on CUDA."""
+    if torch.compiler.is_compiling():
+        return torch.ops.flexicache.summarise_page(pool, valid, page, page_size, kmin, kmax, codes, page_valid, slot,
+                                                   str(use_kernels))
+    k = _kernels(pool.device, use_kernels)
+    if k is None:
+        return summarise_page_ref(pool, valid, page, page_size, kmin, kmax, codes, page_valid, slot)
+    with _on(pool):
+        return k.summarise_page(pool, valid, page, page_size, kmin, kmax, codes, page_valid, slot)
+
+
 def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, heads=None, use_kernels="auto",
                  spread=1.0, codes=None, mass_scale=None, skip=None):
     if torch.compiler.is_compiling():
@@ -493,3 +530,15 @@ def _(keys, valid, page_size, bits, use_kernels):
     P = T // page_size
     codes = keys.new_empty((B, H, P, page_size, D * bits // 8) if bits else (0,), dtype=torch.uint8)
     return keys.new_empty(B, H, P, D), keys.new_empty(B, H, P, D), codes
+
+
+@torch.library.custom_op("flexicache::summarise_page", mutates_args=("kmin", "kmax", "codes", "page_valid"))
+def _summarise_page_op(pool: torch.Tensor, valid: torch.Tensor, page: torch.Tensor, page_size: int,
+                       kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor | None,
+                       page_valid: torch.Tensor | None, slot: torch.Tensor | None, use_kernels: str) -> None:
+    summarise_page(pool, valid, page, page_size, kmin, kmax, codes, page_valid, slot, _use(use_kernels))
+
+
+@_summarise_page_op.register_fake
+def _(pool, valid, page, page_size, kmin, kmax, codes, page_valid, slot, use_kernels):
+    return None

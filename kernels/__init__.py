@@ -22,10 +22,10 @@ if __name__ == "flexicache_hf.kernels":
 if AVAILABLE:
     from .attention import paged_decode_attention
     from .copy import copy_pages
-    from .summary import page_summary
+    from .summary import page_summary, summarise_page
     from .promote import plan_promotion
     from .scores import page_scores
     from .select import select_pages
 
-__all__ = ["AVAILABLE", "page_summary", "page_scores", "select_pages", "paged_decode_attention", "copy_pages",
+__all__ = ["AVAILABLE", "page_summary", "summarise_page", "page_scores", "select_pages", "paged_decode_attention", "copy_pages",
            "plan_promotion"]

@@ -307,6 +307,35 @@ def test_kernel_page_summary_strided_keys_and_one_page():
     assert all(torch.equal(a, b) for a, b in zip(got, ops.page_summary_ref(keys, valid, 8, 2)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,by_slot", [(2, False), (2, True), (0, False), (4, True)])
+def test_kernel_summarise_page_in_place(dtype, bits, by_slot):
+    """A decode step's page summary read where the page lives (a token span, or each row's own slot) and written
+    into the metadata at the device's page index: the same buffers as the reference leaves, every other page and
+    row untouched; a partly valid page (left padding) and a page with no valid token."""
+    B, H, cap, ps, D, S = 3, 2, 5, 8, 64, 4
+    valid = torch.rand(B, cap * ps, device=DEV) > 0.3
+    valid[1] = False  # no valid token: zeros
+    page = torch.tensor([3], device=DEV)
+    if by_slot:
+        pool, slot = torch.randn(B, H, S, ps, D, device=DEV).to(dtype), torch.randint(0, S, (B, H), device=DEV)
+    else:
+        pool, slot = torch.randn(B, H, cap * ps, D, device=DEV).to(dtype), None
+    def buffers():
+        g = torch.Generator(device=DEV).manual_seed(1)
+        meta = [torch.randn(B, H, cap, D, device=DEV, generator=g).to(dtype) for _ in range(2)]
+        codes = torch.randint(0, 255, (B, H, cap, ps, D * bits // 8), device=DEV, generator=g,
+                              dtype=torch.uint8) if bits else None
+        return [*meta, codes, torch.rand(B, cap, device=DEV, generator=g) > 0.5]
+    got, want = buffers(), buffers()
+    summary.summarise_page(pool, valid, page, ps, *got, slot=slot)
+    ops.summarise_page_ref(pool, valid, page, ps, *want, slot=slot)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    ops.summarise_page(pool, valid, page, ps, *got[:3], None, slot, use_kernels=True)  # no validity written
+    assert torch.equal(got[3], want[3])
+
+
 # ------------------------------------------------------------------------------------------------
 # copy_pages
 # ------------------------------------------------------------------------------------------------

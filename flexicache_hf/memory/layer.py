@@ -108,6 +108,7 @@ class LayerMemory(ContextViews):
         B, H, T, D = keys.shape
         self.batch, self.num_heads, self.head_dim, self.dtype, self.device = B, H, D, keys.dtype, keys.device
         self.page_size, self.headroom, self.summarise = cfg.page_size, cfg.host_headroom_pages, summarise
+        self.use_kernels = cfg.use_kernels
         self.rerank_interval, self.warmup_steps = cfg.rerank_interval, cfg.warmup_steps
         stable = [h for h in range(H) if h not in set(unstable)]
         self.unstable_heads = torch.tensor(sorted(unstable), device=self.device, dtype=torch.long)
@@ -122,7 +123,6 @@ class LayerMemory(ContextViews):
         self.page_valid = torch.zeros(B, pages, dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # = length, on the device
         self.sel_at = torch.zeros(1, dtype=torch.long, device=self.device)  # = selected_at, on the device
-        self._page_offsets = torch.arange(ps, device=self.device)
         self._length, self._stale, self.selected_at = 0, False, 0
         self.version = 0  # bumped whenever a state tensor is replaced: captured decode graphs go stale
         self._marked = None  # the version whose tensors are marked as static addresses (torch.compile)
@@ -282,15 +282,13 @@ class LayerMemory(ContextViews):
             self._summarise_current()
 
     def _summarise_current(self) -> None:
-        """Metadata and validity of the page that holds `pos`, from its tokens so far."""
-        page = self.pos // self.page_size
-        tokens = page * self.page_size + self._page_offsets
-        valid = self.kv_valid.index_select(1, tokens)  # [B, ps]
-        if self.unstable is not None:
-            self.unstable.meta.write(page, *self.summarise(self.unstable.page_keys(tokens), valid))
-        if self.stable is not None:
-            self.stable.meta.write(page, *self.summarise(self.stable.current_page()[0][:, :, 0], valid))
-        self.page_valid.index_copy_(1, page, valid.any(-1, keepdim=True))
+        """Metadata and validity of the page that holds `pos`, from its tokens so far, written in place where the
+        page lives (one launch per head group on CUDA). The summary is the one every scorer writes (min/max box
+        and a sketch at the metadata's bits: `summarise` for whole spans)."""
+        page, page_valid = self.pos // self.page_size, self.page_valid
+        for group in self.groups:
+            group.summarise_page(self.kv_valid, page, page_valid, self.use_kernels)
+            page_valid = None  # written once, with the first group
 
     def current_page(self) -> torch.Tensor:
         """The page that holds the newest token (after append_token), [1] on the device."""

@@ -193,6 +193,13 @@ class OffloadedPages:
         idx = self.cur_slot.view(*self.cur_slot.shape, 1, 1, 1).expand(-1, -1, 1, *self.k.shape[3:])
         return self.k.gather(2, idx), self.v.gather(2, idx)
 
+    def summarise_page(self, valid, page: torch.Tensor, page_valid=None, use_kernels="auto") -> None:
+        """The metadata of the current page, `page` (device tensor [1]), from its slot (ops.summarise_page)."""
+        self.join()
+        m = self.meta
+        ops.summarise_page(self.k, valid, page, self.page_size, m.kmin, m.kmax, m.codes, page_valid, self.cur_slot,
+                           use_kernels)
+
     # ---- promotion: host -> GPU slots ----------------------------------------------------------
     def promote(self, selected: torch.Tensor, current_page: torch.Tensor, active: torch.Tensor | None = None) -> None:
         """Make the resident set exactly `selected` [B, H, K] (page ids, -1 = none) plus the current page;
