@@ -27,5 +27,5 @@ if AVAILABLE:
     from .scores import page_scores
     from .select import select_pages
 
-__all__ = ["AVAILABLE", "page_summary", "summarise_page", "page_scores", "select_pages", "paged_decode_attention", "copy_pages",
-           "plan_promotion"]
+__all__ = ["AVAILABLE", "page_summary", "summarise_page", "page_scores", "select_pages", "paged_decode_attention",
+           "copy_pages", "plan_promotion"]

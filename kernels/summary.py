@@ -6,6 +6,8 @@ and a page with no valid token gets zeros. Channels are loaded as [sub-byte slot
 s * D*BITS/8 + j, the sketch's packing), so a token's code bytes are a shift-and-sum over axis 1 and D needs
 no power-of-two padding beyond the byte axis. One launch per summarised page set: under torch.compile the
 PyTorch reference of a one-page summary became ~60 small ops per layer, which cost launches and compile time.
+`summarise_page` is the decode step's form (``ops.summarise_page_ref``): one page read where it lives and its
+summary written into the metadata buffers at the device's page index.
 """
 
 from __future__ import annotations
