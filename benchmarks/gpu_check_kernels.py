@@ -15,6 +15,8 @@
    timed eagerly (do_bench, L2 flushed, medians) and as CUDA graph replays (launch overhead gone);
 4. promotion: 4096 scattered 8 KiB pages, pinned host -> GPU: copy_pages (zero-copy kernel, several
    grid caps) vs the reference gather-then-copy vs one contiguous pinned copy of the same bytes.
+--only-bookkeeping instead times a decode step's page summary and promotion plan against what inductor makes of
+their references (CUDA-graph replays).
 The markdown table comes last.
 """
 
@@ -500,6 +502,39 @@ def bench_copy():
     return ok, {k_: nbytes / t / 1e6 for k_, t in res.items()}
 
 
+def bench_bookkeeping():
+    """A decode step's bookkeeping kernels (one layer's call each) against what inductor makes of their PyTorch
+    references (torch.compile, fullgraph), both timed as CUDA-graph replays (GPU time, as in a compiled step):
+    the current page's summary written in place (stable heads: the page in each row's slot) and the promotion
+    plan, active (about a fifth of the pages new) and idle (device flag off). Exactness is tests/test_kernels.py's."""
+    rows = []
+    for name, B, H, D, cap in (("SmolLM2 8k", 1, 2, 64, 512), ("Llama-8B 32k x 8", 8, 6, 128, 2048)):
+        dev, S = "cuda", RESIDENT
+        g = torch.Generator(device=dev).manual_seed(0)
+        pool = torch.randn(B, H, S, PS, D, device=dev, generator=g).to(DT)
+        valid = torch.ones(B, cap * PS, dtype=torch.bool, device=dev)
+        page, slot = torch.tensor([cap - 3], device=dev), torch.randint(0, S, (B, H), device=dev, generator=g)
+        meta = [torch.zeros(B, H, cap, D, device=dev, dtype=DT) for _ in range(2)]
+        meta += [torch.zeros(B, H, cap, PS, D // 4, device=dev, dtype=torch.uint8),
+                 torch.zeros(B, cap, dtype=torch.bool, device=dev)]
+        ref = torch.compile(ops.summarise_page_ref, fullgraph=True)
+        rows.append((name, "summarise_page (2-bit sketch, in place)",
+                     ms(lambda: K.summarise_page(pool, valid, page, PS, *meta, slot=slot), graph=True),
+                     ms(lambda: ref(pool, valid, page, PS, *meta, slot=slot), graph=True)))
+        held = torch.stack([torch.randperm(cap, device=dev, generator=g)[:S] for _ in range(B * H)]).view(B, H, S)
+        new = torch.randint(0, cap, (B, H, BUDGET), device=dev, generator=g)
+        selected = torch.where(torch.rand(B, H, BUDGET, device=dev, generator=g) < 0.8, held[..., :BUDGET], new)
+        plan_ref = torch.compile(ops.plan_promotion_ref, fullgraph=True)
+        for flag in (True, False):
+            active = torch.tensor([flag], device=dev)
+            rows.append((name, f"plan_promotion ({'active' if flag else 'idle'})",
+                         ms(lambda: K.plan_promotion(held.clone(), selected, page, active), graph=True),
+                         ms(lambda: plan_ref(held.clone(), selected, page, active), graph=True)))
+    print("\n| shape | op | kernel us | compiled reference us |\n|---|---|---|---|")
+    for name, op, kern, ref_ in rows:
+        print(f"| {name} | {op} | {kern * 1e3:.1f} | {ref_ * 1e3:.1f} |")
+
+
 def device_bw():
     x = torch.empty(GIB // 2, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -517,12 +552,16 @@ def main():
     ap.add_argument("--shapes", default="", help="only these ctx x batch, e.g. 32768x8,10240x40")
     ap.add_argument("--only-sketch", action="store_true", help="only the key-sketch scores launch sweep")
     ap.add_argument("--only-mass", action="store_true", help="only the check and timing of selection by sketched mass")
+    ap.add_argument("--only-bookkeeping", action="store_true",
+                    help="only a decode step's page summary and promotion plan: kernels vs compiled references")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
     print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}")
     if args.no_pdl:
         _util.PDL = False
+    if args.only_bookkeeping:
+        return bench_bookkeeping()
     if args.only_sketch or args.only_mass:
         return sweep_sketch(sweep=not args.only_mass)
     if args.only_copy:
