@@ -41,9 +41,11 @@ def _plan_row(SLOT_PAGE, SELECTED, CURRENT, SRC, DST, S, K, rows, row, S_PAD: tl
     offs_k = tl.arange(0, K_PAD)
     in_s = offs_s < S
     in_k = offs_k < K
-    sp = tl.load(SLOT_PAGE + row * S + offs_s, mask=in_s, other=-1)
-    sel = tl.load(SELECTED + row * K + offs_k, mask=in_k, other=-1).to(tl.int64)
-    cur = tl.load(CURRENT).to(tl.int64)
+    # page ids in 32 bits (a row has far fewer than 2^31 pages): the [S, K] comparisons below are most of the
+    # kernel's time, and half the registers of int64
+    sp = tl.load(SLOT_PAGE + row * S + offs_s, mask=in_s, other=-1).to(tl.int32)
+    sel = tl.load(SELECTED + row * K + offs_k, mask=in_k, other=-1).to(tl.int32)
+    cur = tl.load(CURRENT).to(tl.int32)
 
     # free the slots of pages neither selected nor current
     keep = (tl.max(((sp[:, None] == sel[None, :]) & in_k[None, :]).to(tl.int32), 1) > 0) | (sp == cur)
@@ -63,10 +65,10 @@ def _plan_row(SLOT_PAGE, SELECTED, CURRENT, SRC, DST, S, K, rows, row, S_PAD: tl
     # the r-th missing page goes to the slot at place r: at most one match per slot and per selection
     match = (pos[:, None] == rank[None, :]) & in_s[:, None] & missing[None, :]
     new_page = tl.max(tl.where(match, sel[None, :], -1), 1)
-    tl.store(SLOT_PAGE + row * S + offs_s, tl.where(new_page >= 0, new_page, sp), mask=in_s)
+    tl.store(SLOT_PAGE + row * S + offs_s, tl.where(new_page >= 0, new_page, sp).to(tl.int64), mask=in_s)
     slot = tl.max(tl.where(match, offs_s[:, None], -1), 0).to(tl.int64)
     # ops.host_index(page, row, rows) and ops.slot_index(row, slot, S)
-    tl.store(SRC + row * K + offs_k, tl.where(missing, sel * rows + row, -1), mask=in_k)
+    tl.store(SRC + row * K + offs_k, tl.where(missing, sel.to(tl.int64) * rows + row, -1), mask=in_k)
     tl.store(DST + row * K + offs_k, tl.where(missing, row * S + slot, -1), mask=in_k)
 
 
