@@ -41,8 +41,7 @@ class GpuPages:
 
     def summarise_page(self, valid, page: torch.Tensor, page_valid=None, use_kernels="auto") -> None:
         """The metadata of page `page` (device tensor [1]) of every row, from its tokens (ops.summarise_page)."""
-        m = self.meta
-        ops.summarise_page(self.k, valid, page, self.page_size, m.kmin, m.kmax, m.codes, page_valid, None, use_kernels)
+        ops.summarise_page(self.k, valid, page, self.page_size, *self.meta.buffers(), page_valid, None, use_kernels)
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, :length], self.v[:, :, :length]

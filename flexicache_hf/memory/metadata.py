@@ -45,10 +45,14 @@ class PageMetadata:
             else:
                 dst.index_copy_(2, pages, src)
 
+    def buffers(self):
+        """kmin, kmax and codes (or None) as held, [B, H, capacity, ...]: what a page's summary is written into."""
+        return self.kmin, self.kmax, self.codes
+
     def rows(self):
         """kmin, kmax [B*H, capacity, D] and codes [B*H, capacity, page_size, bytes] (or None): one row per
         (batch, head), as page selection takes them."""
-        return tuple(None if t is None else t.flatten(0, 1) for t in (self.kmin, self.kmax, self.codes))
+        return tuple(None if t is None else t.flatten(0, 1) for t in self.buffers())
 
     def select_batch(self, idx: torch.Tensor) -> None:
         for name in self._names():

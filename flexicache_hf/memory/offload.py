@@ -196,8 +196,7 @@ class OffloadedPages:
     def summarise_page(self, valid, page: torch.Tensor, page_valid=None, use_kernels="auto") -> None:
         """The metadata of the current page, `page` (device tensor [1]), from its slot (ops.summarise_page)."""
         self.join()
-        m = self.meta
-        ops.summarise_page(self.k, valid, page, self.page_size, m.kmin, m.kmax, m.codes, page_valid, self.cur_slot,
+        ops.summarise_page(self.k, valid, page, self.page_size, *self.meta.buffers(), page_valid, self.cur_slot,
                            use_kernels)
 
     # ---- promotion: host -> GPU slots ----------------------------------------------------------
