@@ -35,10 +35,6 @@ class GpuPages:
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
 
-    def page_keys(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The keys at positions `tokens` (device tensor [n]) of every row: [B, H, n, D]."""
-        return self.k.index_select(2, tokens)
-
     def summarise_page(self, valid, page: torch.Tensor, page_valid=None, use_kernels="auto") -> None:
         """The metadata of page `page` (device tensor [1]) of every row, from its tokens (ops.summarise_page)."""
         ops.summarise_page(self.k, valid, page, self.page_size, *self.meta.buffers(), page_valid, None, use_kernels)

@@ -34,16 +34,12 @@ class PageMetadata:
             for name in self._names():
                 setattr(self, name, grow(getattr(self, name), 2, pages))
 
-    def write(self, pages, kmin, kmax, codes=None) -> None:
-        """Pages `pages` (a slice, or a device tensor [n] at decode) of every row get this metadata."""
-        for name, src in zip(("kmin", "kmax", "codes"), (kmin, kmax, codes)):
-            dst = getattr(self, name)
-            if dst is None:
-                continue
-            if isinstance(pages, slice):
+    def write(self, pages: slice, kmin, kmax, codes=None) -> None:
+        """Pages `pages` of every row get this metadata (a prefill's; a decode step's page is summarised in
+        place: ops.summarise_page)."""
+        for dst, src in zip(self.buffers(), (kmin, kmax, codes)):
+            if dst is not None:
                 dst[:, :, pages] = src
-            else:
-                dst.index_copy_(2, pages, src)
 
     def buffers(self):
         """kmin, kmax and codes (or None) as held, [B, H, capacity, ...]: what a page's summary is written into."""
