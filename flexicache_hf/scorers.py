@@ -12,18 +12,25 @@ from dataclasses import dataclass
 
 from flexicache_hf import ops
 
+
+class PageSummary:
+    """What every scorer keeps of a page: its keys' min/max box and, with sketch_bits > 0, their key sketch."""
+
+    def summarise(self, keys, valid, page_size, use_kernels="auto"):
+        """keys [B, H, n * page_size, D], valid [B, n * page_size] -> kmin, kmax [B, H, n, D], codes (None without
+        a sketch): ops.page_summary. A decode step summarises its page in place with the same op's in-place form
+        (ops.summarise_page), at the bits its metadata was allocated with (FlexiCacheConfig.sketch_bits)."""
+        return ops.page_summary(keys, valid, page_size, self.sketch_bits, use_kernels)
+
+
 @dataclass(frozen=True)
-class MinMaxBound:
+class MinMaxBound(PageSummary):
     """Quest's bound on a page's largest q.k from the channel-wise min/max of its keys: q.c + spread * |q|.r
     (c, r: the key box's centre and half-width). spread 1.0 is the bound; smaller values rank closer to the
     true attention on small models but are no longer a bound."""
 
     spread: float = 1.0
     sketch_bits = 0
-
-    def summarise(self, keys, valid, page_size, use_kernels="auto"):
-        """keys [B, H, n * page_size, D], valid [B, n * page_size] -> kmin, kmax [B, H, n, D], codes (None)."""
-        return ops.page_summary(keys, valid, page_size, 0, use_kernels)
 
     def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels,
                skip=None):
@@ -34,7 +41,7 @@ class MinMaxBound:
 
 
 @dataclass(frozen=True)
-class SketchMax:
+class SketchMax(PageSummary):
     """Every token's key at `bits` bits per channel inside its page's min/max box; a page ranks by its best
     sketched q.k."""
 
@@ -43,9 +50,6 @@ class SketchMax:
     @property
     def sketch_bits(self) -> int:
         return self.bits
-
-    def summarise(self, keys, valid, page_size, use_kernels="auto"):
-        return ops.page_summary(keys, valid, page_size, self.bits, use_kernels)
 
     def select(self, q, kmin, kmax, codes, page_valid, current, k, heads, scale, append_current, use_kernels,
                skip=None):

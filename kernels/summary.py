@@ -67,8 +67,8 @@ def _page_summary_kernel(
         tl.store(KMIN + out, kmin.to(KMIN.dtype.element_ty), mask=smask)
         tl.store(KMAX + out, kmax.to(KMAX.dtype.element_ty), mask=smask)
         if HAS_PV:  # the page's validity, by the first head's program (every head's would be the same)
-            tl.store(PAGE_VALID + b * s_pb + page0 + p + offs_t * 0, (any_valid.to(tl.int32) + offs_t * 0).to(tl.int8),
-                     mask=(offs_t + h) == 0)
+            flag = (any_valid.to(tl.int32) + offs_t * 0).to(tl.int8)  # a vector: the interpreter's stores need one
+            tl.store(PAGE_VALID + b * s_pb + page0 + p + offs_t * 0, flag, mask=(offs_t + h) == 0)
         if BITS > 0:
             # the reference's level in fp32 from the stored (rounded) box, with IEEE division (Triton's default
             # fp32 division is approximate and would move tokens across level boundaries)
