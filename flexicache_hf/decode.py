@@ -86,6 +86,6 @@ def decode_step(q, memory, scorer, flags: DecodeFlags | None, topk: int, scale: 
     out = ops.paged_decode_attention(q, memory.attention_groups(table, stable_pending=pending), memory.valid_tokens(),
                                      scale, use_kernels)
     if promote is not None:
-        memory.promote(promote[0], background=flags is not None, active=promote[1])
+        memory.promote(promote[0], background=flags is not None, active=promote[1], after=out)
     memory.next_position()
     return out

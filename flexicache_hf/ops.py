@@ -445,9 +445,13 @@ def copy_pages(src_pool, src_idx, dst_pool, dst_idx, use_kernels="auto", pair=No
         return k.copy_pages(src_pool, src_idx, dst_pool, dst_idx, pair)
 
 
-def plan_promotion(slot_page, selected, current_page, active=None, use_kernels="auto"):
+def plan_promotion(slot_page, selected, current_page, active=None, use_kernels="auto", after=None):
+    """plan_promotion_ref on the device. `after`: a tensor the plan must follow in a compiled step (its attention
+    output, for a promotion after attention): the plan does not read it, but without the dependency inductor may
+    move the promotion before the attention that reads the old slots, and must then copy the slot pools and
+    block table to keep them for it (a clone of every stable slot, every rerank step)."""
     if torch.compiler.is_compiling():
-        return torch.ops.flexicache.plan_promotion(slot_page, selected, current_page, active, str(use_kernels))
+        return torch.ops.flexicache.plan_promotion(slot_page, selected, current_page, active, str(use_kernels), after)
     k = _kernels(slot_page.device, use_kernels)
     if k is None:
         return plan_promotion_ref(slot_page, selected, current_page, active)
@@ -508,12 +512,13 @@ def _(src_pool, src_idx, dst_pool, dst_idx, use_kernels, src_pool2, dst_pool2):
 
 @torch.library.custom_op("flexicache::plan_promotion", mutates_args=("slot_page",))
 def _plan_promotion_op(slot_page: torch.Tensor, selected: torch.Tensor, current_page: torch.Tensor,
-                       active: torch.Tensor | None, use_kernels: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       active: torch.Tensor | None, use_kernels: str,
+                       after: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return plan_promotion(slot_page, selected, current_page, active, _use(use_kernels))
 
 
 @_plan_promotion_op.register_fake
-def _(slot_page, selected, current_page, active, use_kernels):
+def _(slot_page, selected, current_page, active, use_kernels, after):
     return selected.new_empty(selected.numel()), selected.new_empty(selected.numel())
 
 

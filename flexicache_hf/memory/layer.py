@@ -317,13 +317,14 @@ class LayerMemory(ContextViews):
         first = (since == 0) | (since < self.warmup_steps)
         return first | (since % self.rerank_interval == 0), first
 
-    def promote(self, selected: torch.Tensor, background: bool, active: torch.Tensor | None = None) -> None:
+    def promote(self, selected: torch.Tensor, background: bool, active: torch.Tensor | None = None,
+                after: torch.Tensor | None = None) -> None:
         """The stable heads' resident pages become `selected` [B, Hs, K] and the current page (only where
-        `active`, a device bool, holds: a compiled step's promotion)."""
+        `active`, a device bool, holds: a compiled step's promotion, which follows `after`)."""
         if background:
             self.stable.promote_in_background(selected, self.current_page())
         else:
-            self.stable.promote(selected, self.current_page(), active)
+            self.stable.promote(selected, self.current_page(), active, after)
 
     def next_position(self) -> None:
         """The decode step is done: the device position advances (in the step) and the length with it; a
