@@ -18,6 +18,10 @@ after a device sync: generate() waits for every token anyway).
     flexicache-fresh   the same with a new FlexiCache per request (every request re-records its CUDA graphs)
     flexicache-graphs  enable_cuda_graphs(model) instead (our own captured steps)
 
+--profile-at J [J ...] then profiles single decode steps J (0: the first after the prefill) of one more request
+each, on the same warm state (profile_step.report: wall and kernel time, kernels per step, top ops): what
+profile_step.py --at measures, without compiling every graph a second time.
+
 The bandwidth floor of a step is the bytes it must read (the weights but the embedding table, the K/V it
 attends to, the page metadata it scores) divided by the HBM bandwidth measured in the same run (a device copy).
 Prints a markdown table last.
@@ -94,7 +98,7 @@ def generate(model, ids, new, clock, **kw):
     return clock.times[0] - t0  # time to the first token
 
 
-def run(model, method, ids, steps):
+def run(model, method, ids, steps, profile_at=()):
     impl = {"dense-eager": "sdpa", "dense-sdpa": "sdpa", "dense-flex": "flex_attention"}.get(method, "flexicache")
     model.set_attn_implementation(impl)
     kw, cache = {}, None
@@ -124,6 +128,9 @@ def run(model, method, ids, steps):
         clock = StepClock()
         torch.cuda.reset_peak_memory_stats()
         ttft = generate(model, ids, steps + 1, clock, **kw)
+        rep = cache.memory_report() if cache is not None else None
+        for j in profile_at:
+            profile_step(model, ids, method, j, cache, kw)
     finally:
         flexicache_hf.disable_cuda_graphs(model)
     steps_ms = [1000 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
@@ -137,10 +144,21 @@ def run(model, method, ids, steps):
            "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], "max_ms": gaps[-1], "steps": len(gaps)}
     if cache is not None:
         row["by_kind"] = by_kind(steps_ms, cache, ids.shape[1])
-        rep = cache.memory_report()
         row["kv_reserved_gib"] = (rep["gpu_reserved_bytes"]) / 2**30
         row["report"] = rep
     return row
+
+
+def profile_step(model, ids, method, j, cache, kw):
+    """Profile decode step j of one more request on the warm state (the reused cache after reset())."""
+    from profile_step import ProfileSteps, report
+
+    if cache is not None:
+        cache.reset()
+        kw.update(cache_kwargs(cache))
+    clock = ProfileSteps(j + 1, 1)  # the window opened by token j + 1 (the prefill's is token 0) is step j
+    generate(model, ids, j + 3, clock, **kw)
+    report(method, clock, 1, None, f", step {j}" + (f" ({step_kind(cache, ids.shape[1], j)})" if cache else ""))
 
 
 def by_kind(steps_ms, cache, prompt_len) -> dict:
@@ -186,6 +204,8 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--model", help="a real model (load_model's names: smollm2, qwen-coder-0.5b, ...) instead of the "
                                     "random-weight Llama-3.1-8B shape; --layers is then ignored")
+    ap.add_argument("--profile-at", type=int, nargs="*", default=[],
+                    help="then profile these decode steps, one request each (0: the first after the prefill)")
     args = ap.parse_args(argv)
     ctx, batch = map(int, args.shape.split("x"))
     torch._dynamo.config.cache_size_limit = 64  # one model, several attention implementations and shapes
@@ -205,7 +225,7 @@ def main(argv=None):
         what = f"Llama-3.1-8B shape bf16, {args.layers} layers"
     rows = []
     for method in args.methods:
-        row = run(model, method, ids, args.steps)
+        row = run(model, method, ids, args.steps, args.profile_at)
         row["floor_ms"] = 1000 * step_bytes(model, method, batch, ctx, row.get("report")) / bw
         rows.append(row)
         print(row, flush=True)
