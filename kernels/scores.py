@@ -142,25 +142,6 @@ def _lse_tile(base, offs_g, offs, G, P):
 
 
 @triton.jit
-def _normaliser(top, total, x):
-    """One tile [G_PAD, BLOCK] of a row's logsumexps into each query head's online softmax normaliser (running
-    max `top`, sum `total` relative to it)."""
-    new_top = tl.maximum(top, tl.max(x, 1))
-    safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # a head without candidates so far
-    return new_top, total * tl.exp(top - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
-
-
-@triton.jit
-def _tile_mass(x, top, total):
-    """Each page's share of each head's softmax (normaliser `top`, `total`), summed over the group: [BLOCK]
-    (-inf: no candidate)."""
-    safe = tl.where(top == float("-inf"), 0.0, top)
-    inv = tl.where(total > 0, 1.0 / total, 0.0)
-    share = tl.where(x == float("-inf"), 0.0, tl.exp(x - safe[:, None]) * inv[:, None])
-    return tl.where(tl.max(x, 0) == float("-inf"), float("-inf"), tl.sum(share, 0))
-
-
-@triton.jit
 def _mass_kernel(LSE, OUT, P, SKIP, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
                  HAS_SKIP: tl.constexpr):
     """Row n of ops.page_mass_ref: two passes over the row's [G, P] logsumexps, an online softmax
@@ -177,10 +158,19 @@ def _mass_kernel(LSE, OUT, P, SKIP, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK:
     top = tl.full([G_PAD], float("-inf"), tl.float32)
     total = tl.zeros([G_PAD], tl.float32)
     for p0 in range(0, P, BLOCK):
-        top, total = _normaliser(top, total, _lse_tile(base, offs_g, p0 + tl.arange(0, BLOCK), G, P))
+        offs = p0 + tl.arange(0, BLOCK)
+        x = _lse_tile(base, offs_g, offs, G, P)
+        new_top = tl.maximum(top, tl.max(x, 1))
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # a head without candidates so far
+        total = total * tl.exp(top - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+        top = new_top
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    inv = tl.where(total > 0, 1.0 / total, 0.0)
     for p0 in range(0, P, BLOCK):
         offs = p0 + tl.arange(0, BLOCK)
-        mass = _tile_mass(_lse_tile(base, offs_g, offs, G, P), top, total)
+        x = _lse_tile(base, offs_g, offs, G, P)
+        share = tl.where(x == float("-inf"), 0.0, tl.exp(x - safe[:, None]) * inv[:, None])
+        mass = tl.where(tl.max(x, 0) == float("-inf"), float("-inf"), tl.sum(share, 0))
         tl.store(OUT + n.to(tl.int64) * P + offs, mass, mask=offs < P)
 
 
@@ -277,11 +267,6 @@ MASS_BLOCK = 8192
 MASS_WARPS = 8
 
 
-def mass_block(G: int, P: int) -> int:
-    """Pages per tile of a row's logsumexps in the mass kernels (a row in one tile when it fits)."""
-    return max(16, min(MASS_BLOCK // next_pow2(G), next_pow2(P)))
-
-
 def page_mass(lse: torch.Tensor, skip=None) -> torch.Tensor:
     """lse [N, G, P] (-inf: no candidate) -> [N, P] fp32 (ops.page_mass_ref): one program per row."""
     N, G, P = lse.shape
@@ -293,6 +278,6 @@ def page_mass(lse: torch.Tensor, skip=None) -> torch.Tensor:
     lse = lse.contiguous()
     g_pad = next_pow2(G)
     skip_ptr, has_skip = skip_args(skip, out)
-    _mass_kernel[(N,)](lse, out, P, skip_ptr, G=G, G_PAD=g_pad, BLOCK=mass_block(G, P),
+    _mass_kernel[(N,)](lse, out, P, skip_ptr, G=G, G_PAD=g_pad, BLOCK=max(16, min(MASS_BLOCK // g_pad, next_pow2(P))),
                        num_warps=MASS_WARPS, HAS_SKIP=has_skip, **pdl(lse.device))
     return out

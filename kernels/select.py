@@ -22,14 +22,10 @@ import triton
 import triton.language as tl
 
 from ._util import gdc_launch_dependents, gdc_wait, next_pow2, pdl, skip_args
-from .scores import _lse_tile, _normaliser, _tile_mass, mass_block, page_lse, page_mass, page_scores
+from .scores import page_lse, page_mass, page_scores
 
 CHUNK = 256  # packed scores per chunk-pass program (at least 2k, so that a pass shrinks a row)
 FINAL = 512  # a row at most this long is finished by one program
-# Ranking by sketched mass: a row of at most this many pages is massed and sorted by one program (a decode
-# step's chain is then two launches, sketch logsumexps and this, instead of four: the step is bound by launches
-# at these sizes, not by the sort)
-MASS_TOPK = 1024
 NUM_WARPS = 8  # measured best for the sorts on the H100 (benchmarks/gpu_check_kernels.py --sweep-select)
 _NEG_INF_KEY = tl.constexpr(-2139095041)  # the key of -inf: scores at or below it are no candidates
 _MASK32 = tl.constexpr(0xFFFFFFFF)
@@ -96,49 +92,6 @@ def _final_kernel(IN, OUT, CUR, L, s_in, s_out, k, SKIP, FROM_SCORES: tl.constex
         tl.store(out + k, tl.load(CUR).to(tl.int64))
 
 
-@triton.jit
-def _mass_topk_kernel(LSE, OUT, CUR, P, s_out, k, SKIP, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                      APPEND: tl.constexpr, PDL: tl.constexpr, HAS_SKIP: tl.constexpr):
-    """Row n's pages ranked by predicted mass (scores._mass_kernel for a row in one tile, the same arithmetic),
-    then its top k as _final_kernel writes them."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    n = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    skipped = False
-    if HAS_SKIP:
-        skipped = tl.load(SKIP) != 0
-    if skipped:
-        ids = tl.full([BLOCK], -1, tl.int64)
-    else:
-        offs_g = tl.arange(0, G_PAD)
-        x = _lse_tile(LSE + n.to(tl.int64) * G * P + offs_g[:, None] * P, offs_g, offs, G, P)
-        top, total = _normaliser(tl.full([G_PAD], float("-inf"), tl.float32), tl.zeros([G_PAD], tl.float32), x)
-        packed = tl.where(offs < P, _pack(_tile_mass(x, top, total), offs), _NOTHING)
-        x = tl.sort(packed, descending=True)
-        ids = tl.where((x >> 32) > _NEG_INF_KEY, (x & _MASK32) ^ _MASK32, -1)
-    out = OUT + n.to(tl.int64) * s_out
-    tl.store(out + offs, ids, mask=offs < k)
-    if APPEND:
-        tl.store(out + k, tl.load(CUR).to(tl.int64))
-
-
-def mass_topk(lse: torch.Tensor, k: int, append: torch.Tensor | None = None, skip=None) -> torch.Tensor | None:
-    """topk_pages(page_mass(lse), k, append, skip) in one launch, or None where a row does not fit one program."""
-    N, G, P = lse.shape
-    block = mass_block(G, P)
-    if block < P or block > MASS_TOPK or N == 0 or G == 0 or min(k, P) == 0:
-        return None
-    k = min(k, P)
-    out = torch.empty(N, k + (append is not None), device=lse.device, dtype=torch.int64)
-    skip_ptr, has_skip = skip_args(skip, out)
-    _mass_topk_kernel[(N,)](lse.contiguous(), out, append if append is not None else out, P, out.stride(0), k,
-                            skip_ptr, G=G, G_PAD=next_pow2(G), BLOCK=block, APPEND=append is not None,
-                            num_warps=NUM_WARPS, HAS_SKIP=has_skip, **pdl(lse.device))
-    return out
-
-
 def topk_pages(scores: torch.Tensor, k: int, append: torch.Tensor | None = None, skip=None) -> torch.Tensor:
     """scores [N, P] fp32 -> [N, min(k, P)] int64 (ops.topk_pages_ref), plus `append` [1] as a last column;
     with `skip` (a device flag [1]) set, -1 everywhere but the appended column."""
@@ -173,15 +126,10 @@ def select_pages(q, kmin, kmax, page_valid, current, k, append_current=False, he
     """The top-k candidate pages per row (see ops.select_pages_ref): [N, min(k, P)] best first, then -1;
     with append_current the current page follows as one more column; with `heads`, q is the layer's
     [B, H, G, D] query and the rows are its heads `heads` (read in place, no gathered copy). With codes and
-    mass_scale, pages rank by the attention mass their sketched keys predict (one more launch, mass_topk; more for rows too long for one program). With `skip` (a
+    mass_scale, pages rank by the attention mass their sketched keys predict (two more passes). With `skip` (a
     device flag [1]) set, every kernel returns at once and no page is selected (-1)."""
-    append = current if append_current else None
     if codes is not None and mass_scale is not None:
-        lse = page_lse(q, kmin, kmax, codes, mass_scale, page_valid, current, heads, skip)
-        ids = mass_topk(lse, k, append, skip)
-        if ids is not None:
-            return ids
-        scores = page_mass(lse, skip)
+        scores = page_mass(page_lse(q, kmin, kmax, codes, mass_scale, page_valid, current, heads, skip), skip)
     else:
         scores = page_scores(q, kmin, kmax, page_valid, current, heads, spread, codes, skip)
-    return topk_pages(scores, k, append, skip)
+    return topk_pages(scores, k, current if append_current else None, skip)
