@@ -16,7 +16,7 @@
 4. promotion: 4096 scattered 8 KiB pages, pinned host -> GPU: copy_pages (zero-copy kernel, several
    grid caps) vs the reference gather-then-copy vs one contiguous pinned copy of the same bytes.
 --only-bookkeeping instead times a decode step's page summary and promotion plan against what inductor makes of
-their references (CUDA-graph replays), and selection by sketched mass in one launch against four.
+their references (CUDA-graph replays).
 The markdown table comes last.
 """
 
@@ -530,34 +530,9 @@ def bench_bookkeeping():
             rows.append((name, f"plan_promotion ({'active' if flag else 'idle'})",
                          ms(lambda: K.plan_promotion(held.clone(), selected, page, active), graph=True),
                          ms(lambda: plan_ref(held.clone(), selected, page, active), graph=True)))
-        rows += bench_mass_selection(name, B, H, D, cap, g)
     print("\n| shape | op | kernel us | baseline us | baseline |\n|---|---|---|---|---|")
     for name, op, kern, ref_, *base in rows:
         print(f"| {name} | {op} | {kern * 1e3:.1f} | {ref_ * 1e3:.1f} | {base[0] if base else 'compiled reference'} |")
-
-
-def bench_mass_selection(name, B, H, D, cap, g):
-    """Selection by sketched mass of one head group (the default scorer's decode chain), rows of `cap` pages:
-    mass and top-k in one launch (select.mass_topk, rows up to MASS_TOPK pages) against the mass kernel then
-    the top-k passes (four launches in all), CUDA-graph replays; both choose the same pages."""
-    dev, G = "cuda", 3
-    q = torch.randn(B, H, G, D, device=dev, generator=g).to(DT)
-    kmin = torch.randn(B * H, cap, D, device=dev, generator=g).to(DT)
-    kmax = kmin + torch.rand(B * H, cap, D, device=dev, generator=g).to(DT)
-    codes = torch.randint(0, 256, (B * H, cap, PS, D // 4), device=dev, generator=g, dtype=torch.uint8)
-    valid = torch.ones(B, cap, dtype=torch.bool, device=dev)
-    heads, cur = torch.arange(H, device=dev), torch.tensor([cap - 40], device=dev)
-    run = lambda: KS.select_pages(q, kmin, kmax, valid, cur, BUDGET, True, heads, codes=codes, mass_scale=0.125)  # noqa: E731
-    one = run()
-    fused_us = ms(run, graph=True)
-    saved, KS.MASS_TOPK = KS.MASS_TOPK, 0
-    try:
-        assert torch.equal(run(), one), "mass_topk chose other pages than page_mass + topk_pages"
-        chain_us = ms(run, graph=True)
-    finally:
-        KS.MASS_TOPK = saved
-    return [(name, f"select_pages by sketched mass ({B * H} rows x {cap} pages)", fused_us, chain_us,
-             "mass kernel + top-k passes")]
 
 
 def device_bw():
