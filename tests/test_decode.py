@@ -172,8 +172,8 @@ def test_decode_step_promotes_at_once_after_a_prefill_and_in_the_background_at_a
     mem, cfg, k, v, g = _memory([1], 21, MinMaxBound(), topk=2, rerank=3)
     calls = []
     promote = LayerMemory.promote
-    monkeypatch.setattr(LayerMemory, "promote", lambda self, sel, background, active=None: (
-        calls.append(background), promote(self, sel, background, active)))
+    monkeypatch.setattr(LayerMemory, "promote", lambda self, sel, background, active=None, after=None: (
+        calls.append(background), promote(self, sel, background, active, after)))
     kinds = []
     for flags, *_ in _steps(mem, cfg, k, v, g, 10, selected_at=21):
         kinds.append(flags)
