@@ -203,12 +203,11 @@ class OffloadedPages:
     def promote(self, selected: torch.Tensor, current_page: torch.Tensor, active: torch.Tensor | None = None,
                 after: torch.Tensor | None = None) -> None:
         """Make the resident set exactly `selected` [B, H, K] (page ids, -1 = none) plus the current page;
-        with `active` (a device bool [1], a compiled step's rerank flag), only where it holds.
+        with `active` (a device bool [1], a compiled step's rerank flag), only where it holds, and after `after`.
 
         Slots of demoted pages are freed; newly selected pages are copied from the host pool into them.
         Fixed shapes, no host sync: every (row, k) entry is a copy job, and the ones with nothing to copy
-        carry index -1, which the copy skips. `after`: what a compiled step's promotion must follow (plan_promotion).
-        """
+        carry index -1, which the copy skips (ops.plan_promotion)."""
         self.join()
         src_idx, dst_idx = ops.plan_promotion(self.slot_page, selected, current_page, active, after=after)
         ps, D = self.k.shape[3:]
