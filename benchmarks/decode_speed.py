@@ -152,13 +152,14 @@ def run(model, method, ids, steps, profile_at=()):
 def profile_step(model, ids, method, j, cache, kw):
     """Profile decode step j of one more request on the warm state (the reused cache after reset())."""
     from profile_step import ProfileSteps, report
+    from profile_step import step_kind as label
 
     if cache is not None:
         cache.reset()
         kw.update(cache_kwargs(cache))
     clock = ProfileSteps(j + 1, 1)  # the window opened by token j + 1 (the prefill's is token 0) is step j
     generate(model, ids, j + 3, clock, **kw)
-    report(method, clock, 1, None, f", step {j}" + (f" ({step_kind(cache, ids.shape[1], j)})" if cache else ""))
+    report(method, clock, 1, None, label(kw, ids.shape[1], j))
 
 
 def by_kind(steps_ms, cache, prompt_len) -> dict:
