@@ -19,7 +19,7 @@ after a device sync: generate() waits for every token anyway).
     flexicache-graphs  enable_cuda_graphs(model) instead (our own captured steps)
 
 --profile-at J [J ...] then profiles single decode steps J (0: the first after the prefill) of one more request
-each, on the same warm state (profile_step.report: wall and kernel time, kernels per step, top ops): what
+each, on the same warm state (`report`: wall and kernel time, kernels per step, top ops): what
 profile_step.py --at measures, without compiling every graph a second time.
 
 The bandwidth floor of a step is the bytes it must read (the weights but the embedding table, the K/V it
@@ -30,10 +30,15 @@ Prints a markdown table last.
 from __future__ import annotations
 
 import argparse
+import gzip
+import os
+import shutil
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch._dynamo.utils import compilation_time_metrics, compile_times
 
 import flexicache_hf
@@ -149,17 +154,61 @@ def run(model, method, ids, steps, profile_at=()):
     return row
 
 
+# ---- profiling steps (here with --profile-at; profile_step.py uses the same pieces) ------------------
 def profile_step(model, ids, method, j, cache, kw):
     """Profile decode step j of one more request on the warm state (the reused cache after reset())."""
-    from profile_step import ProfileSteps, report
-    from profile_step import step_kind as label
-
     if cache is not None:
         cache.reset()
         kw.update(cache_kwargs(cache))
     clock = ProfileSteps(j + 1, 1)  # the window opened by token j + 1 (the prefill's is token 0) is step j
     generate(model, ids, j + 3, clock, **kw)
-    report(method, clock, 1, None, label(kw, ids.shape[1], j))
+    report(method, clock, 1, None, step_label(kw, ids.shape[1], j))
+
+
+class ProfileSteps(StepClock):
+    """Notes each token's time, and profiles the steps between token `start` and token `start + n`."""
+
+    def __init__(self, start, n):
+        super().__init__()
+        self.start, self.n = start, n
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def __call__(self, input_ids, scores):
+        scores = super().__call__(input_ids, scores)
+        i = len(self.times)
+        if i == self.start:
+            self.prof.start()
+        elif i == self.start + self.n:
+            torch.cuda.synchronize()
+            self.prof.stop()
+        return scores
+
+
+def report(method, clock, n, trace_dir, label=""):
+    events = clock.prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1000 / n
+    launches = sum(1 for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")) / n
+    walls = [1000 * (b - a) for a, b in zip(clock.times[clock.start - 1:], clock.times[clock.start:clock.start + n])]
+    print(f"\n=== {method}{label}: {n} steps profiled; wall per step (ms): {[round(w, 2) for w in walls]}")
+    print(f"kernel time per step {gpu_ms:.2f} ms, {len(kernels) / n:.0f} kernels and {launches:.1f} graph launches "
+          f"per step")
+    avg = clock.prof.key_averages()
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+    if trace_dir:
+        path = Path(trace_dir) / f"{method}.json"
+        clock.prof.export_chrome_trace(str(path))
+        with open(path, "rb") as f, gzip.open(f"{path}.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        os.remove(path)
+
+
+def step_label(kw, prompt_len, j) -> str:
+    """The label of decode step j (the window opened by the start-th token, after the prefill's, profiles step
+    start - 1)."""
+    cache = next((v for v in kw.values() if isinstance(v, FlexiCache)), None)
+    return f", step {j}" + (f" ({step_kind(cache, prompt_len, j)})" if cache is not None else "")
 
 
 def by_kind(steps_ms, cache, prompt_len) -> dict:

@@ -14,14 +14,10 @@ single steps instead (one request each; step j decodes the prompt's j-th next to
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_speed as D  # noqa: E402
@@ -29,25 +25,6 @@ import decode_speed as D  # noqa: E402
 import flexicache_hf  # noqa: E402
 from flexicache_hf import FlexiCache  # noqa: E402
 from flexicache_hf.compat import cache_kwargs  # noqa: E402
-
-
-class ProfileSteps(D.StepClock):
-    """Notes each token's time, and profiles the steps between token `start` and token `start + n`."""
-
-    def __init__(self, start, n):
-        super().__init__()
-        self.start, self.n = start, n
-        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-
-    def __call__(self, input_ids, scores):
-        scores = super().__call__(input_ids, scores)
-        i = len(self.times)
-        if i == self.start:
-            self.prof.start()
-        elif i == self.start + self.n:
-            torch.cuda.synchronize()
-            self.prof.stop()
-        return scores
 
 
 def prepare(model, method):
@@ -65,26 +42,6 @@ def prepare(model, method):
         return cache_kwargs(cache)
 
     return next_request
-
-
-def report(method, clock, n, trace_dir, label=""):
-    events = clock.prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_ms = sum(e.device_time for e in kernels) / 1000 / n
-    launches = sum(1 for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")) / n
-    walls = [1000 * (b - a) for a, b in zip(clock.times[clock.start - 1:], clock.times[clock.start:clock.start + n])]
-    print(f"\n=== {method}{label}: {n} steps profiled; wall per step (ms): {[round(w, 2) for w in walls]}")
-    print(f"kernel time per step {gpu_ms:.2f} ms, {len(kernels) / n:.0f} kernels and {launches:.1f} graph launches "
-          f"per step")
-    avg = clock.prof.key_averages()
-    print(avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
-    print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
-    if trace_dir:
-        path = Path(trace_dir) / f"{method}.json"
-        clock.prof.export_chrome_trace(str(path))
-        with open(path, "rb") as f, gzip.open(f"{path}.gz", "wb") as g:
-            shutil.copyfileobj(f, g)
-        os.remove(path)
 
 
 def main(argv=None):
@@ -118,19 +75,12 @@ def main(argv=None):
         try:
             D.generate(model, ids, D.warm_up_tokens(), D.StepClock(), **next_request())  # compiles every graph
             for start, n in windows:
-                clock = ProfileSteps(start, n)
+                clock = D.ProfileSteps(start, n)
                 kw = next_request()
                 D.generate(model, ids, start + n + 2, clock, **kw)
-                report(method, clock, n, args.trace, step_kind(kw, ids.shape[1], start - 1) if args.at else "")
+                D.report(method, clock, n, args.trace, D.step_label(kw, ids.shape[1], start - 1) if args.at else "")
         finally:
             flexicache_hf.disable_cuda_graphs(model)
-
-
-def step_kind(kw, prompt_len, j) -> str:
-    """The label of decode step j (the window opened by the start-th token, after the prefill's, profiles step
-    start - 1)."""
-    cache = next((v for v in kw.values() if isinstance(v, FlexiCache)), None)
-    return f", step {j}" + (f" ({D.step_kind(cache, prompt_len, j)})" if cache is not None else "")
 
 
 if __name__ == "__main__":
