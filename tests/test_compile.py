@@ -209,7 +209,9 @@ def test_default_generate_on_cuda_compiles_and_equals_eager(dtype):
     eager = _generate(fc, make_cache(fc, **KNOBS), ids, mask, False, logits_processor=[eager_logits])
     cache = make_cache(fc, **KNOBS)
     forced = Forced(eager[:, ids.shape[1]:])
+    before = _graphs()
     compiled = _generate(fc, cache, ids, mask, None, logits_processor=[forced])
+    assert _graphs() > before, "generate() ran FlexiCache's decode steps eagerly: it did not compile them"
     cache.reset()
     before = _graphs()
     again = _generate(fc, cache, ids, mask, None, logits_processor=[Forced(eager[:, ids.shape[1]:])])
