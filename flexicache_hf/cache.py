@@ -61,6 +61,13 @@ class FlexiCache(Cache):
         num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.profile = resolve_profile(profile, text, num_layers, num_kv_heads)
         self.auto = self.profile is None  # "auto": every head unstable until the calibration decides
+        if self.auto and profile is None:  # the silent fallback: say what it costs and how to avoid it
+            name = getattr(text, "_name_or_path", None) or text.model_type
+            warnings.warn(f"FlexiCache: no shipped head profile for {name}, so it calibrates one online "
+                          f"(profile='auto'): the first {self.config.calibration_steps} decode steps of the first "
+                          "request hold every head on the GPU and that request runs uncompiled. Reuse this cache "
+                          "(cache.reset() keeps the split), or save cache.profile (.save(path)) and pass profile=path",
+                          stacklevel=2)
         self.paged = [i for i, kind in enumerate(kinds) if kind is None]
         from flexicache_hf.stability import resolve_count
 
@@ -83,7 +90,7 @@ class FlexiCache(Cache):
         return [self.layers[i] for i in self.paged]
 
     def _start_calibration(self) -> None:
-        """profile="auto": (re)start recording; every paged head is unstable until it decides."""
+        """profile="auto": start recording; every paged head is unstable until it decides."""
         self.calibration = None
         if self.auto and self.paged:
             from flexicache_hf.calibration import OnlineCalibration
@@ -99,9 +106,12 @@ class FlexiCache(Cache):
                 layer.set_split(list(range(layer.num_kv_heads)))
 
     def reset(self) -> None:
-        """Empty the cache for a new request (same model, any batch size); profile="auto" calibrates afresh."""
+        """Empty the cache for a new request (same model, any batch size). profile="auto": a split the calibration
+        has decided stays (head stability is the model's, not the request's), so later requests run compiled on
+        CUDA; a calibration that had not finished starts afresh."""
         super().reset()
-        self._start_calibration()
+        if self.calibration is not None and self.calibration.active:
+            self._start_calibration()
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         """transformers asks this before every forward (eagerly, for a compiled decode step): each layer makes

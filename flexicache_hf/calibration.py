@@ -7,8 +7,9 @@ sets; docs/method.md, "Profiling"), the chosen number stays unstable, and every 
 the new split: the stable heads' full pages go to the host pool once, and they re-select at the next step.
 
 Cost: during calibration the GPU holds the whole KV (like dense); the switch copies the stable heads' KV
-to the host once and re-pages each layer (one pass over the layer's KV). A calibration belongs to one
-request: `FlexiCache.reset()` starts a new one.
+to the host once and re-pages each layer (one pass over the layer's KV). The split it decides is the
+cache's from then on (`FlexiCache.reset()` keeps it: head stability is the model's); a calibration that a
+request ended before it decided starts afresh with the next request.
 """
 
 from __future__ import annotations

@@ -74,21 +74,38 @@ def test_sliding_window_layers_stay_dense_within_their_window():
         cache.full_kv(0)
 
 
-def test_reset_restarts_calibration_for_a_new_request():
-    """profile="auto": a second request (another batch size) calibrates afresh, from its own steps only."""
+def test_reset_keeps_a_calibrated_split_and_restarts_an_unfinished_calibration():
+    """profile="auto": once the calibration has decided, a reset keeps the split (the next request, another batch
+    size, uses it with nothing lost, and may compile); a calibration cut short by a short request starts afresh."""
     _, fc = tiny_pair("llama", 8, 4, 32, layers=2)
     cache = FlexiCache(fc.config, profile="auto", topk_pages=4, page_size=8, calibration_steps=16)
     gen = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert not cache.is_compileable  # while it records, steps run Python
     fc.generate(torch.randint(1, 256, (2, 120)), **cache_kwargs(cache), **gen)
     first = cache.profile
     assert first is not None and len(first.unstable) == 2
     cache.reset()
-    assert cache.profile is None and cache.calibration.active
-    assert all(len(layer.unstable) == 4 for layer in cache.layers)  # every head unstable while it records
+    assert cache.profile is first and cache.is_compileable
     rec = Recorder(cache)
     fc.generate(torch.randint(1, 256, (3, 120)), **cache_kwargs(cache), **gen)
-    assert cache.profile is not None and cache.profile is not first
-    assert rec.all_exact()
+    assert cache.profile is first and rec.all_exact()
+    assert sorted(len(layer.unstable) for layer in cache.layers) == \
+        sorted(len(first.unstable_heads(i)) for i in range(2))
+
+    short = FlexiCache(fc.config, profile="auto", topk_pages=4, page_size=8, calibration_steps=32)
+    fc.generate(torch.randint(1, 256, (2, 120)), **cache_kwargs(short), max_new_tokens=5, do_sample=False)
+    calibration = short.calibration
+    assert calibration.active
+    short.reset()
+    assert short.profile is None and short.calibration.active and short.calibration is not calibration
+    assert all(len(layer.unstable) == 4 for layer in short.layers)  # every head unstable while it records
+
+
+def test_the_fallback_to_online_calibration_says_so():
+    """No profile given and none ships: the cache calibrates online, and says what that costs."""
+    _, fc = tiny_pair("llama", 8, 4, 32, layers=2)
+    with pytest.warns(UserWarning, match="no shipped head profile .* runs uncompiled"):
+        FlexiCache(fc.config)
 
 
 def test_memory_report_counts_what_the_cache_holds_allocated():

@@ -119,6 +119,23 @@ def test_a_reused_cache_compiles_nothing_more(pair):
     assert torch.equal(first, again) and _graphs() == before and cache.layers[0].memory is memory
 
 
+def test_a_calibrated_cache_compiles_the_next_request(pair):
+    """profile="auto": the request that calibrates runs uncompiled (its steps record in Python); the cache keeps
+    the split through reset(), so the next request compiles, with the eager step's tokens for that split."""
+    torch._dynamo.reset()
+    _, fc = pair
+    ids, mask = _inputs("cpu")
+    knobs = dict(KNOBS, profile="auto", calibration_steps=16, auto_unstable=0.5)
+    cache = make_cache(fc, **knobs)
+    before = _graphs()
+    _generate(fc, cache, ids, mask, True)
+    assert _graphs() == before and cache.profile is not None  # calibrated, uncompiled
+    cache.reset()
+    compiled = _generate(fc, cache, ids, mask, True)
+    assert _graphs() > before
+    assert torch.equal(compiled, _generate(fc, make_cache(fc, **dict(KNOBS, profile=cache.profile)), ids, mask, False))
+
+
 def test_full_budget_compiled_equals_dense(pair):
     torch._dynamo.reset()
     ref, fc = pair
